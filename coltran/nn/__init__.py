@@ -1,0 +1,18 @@
+"""The one vocabulary of layers shared by the three ColTran models (official `models/layers.py`, `core.py`)."""
+
+from coltran.nn.attention import AxialAttention
+from coltran.nn.conditioning import ConditionalLayerNorm, ConditionalMLP, FeedForward, PlainLayerNorm
+from coltran.nn.encoder import AxialEncoder
+from coltran.nn.position import PositionEmbedding, shift_down, shift_right
+
+__all__ = [
+    "AxialAttention",
+    "AxialEncoder",
+    "ConditionalLayerNorm",
+    "ConditionalMLP",
+    "FeedForward",
+    "PlainLayerNorm",
+    "PositionEmbedding",
+    "shift_down",
+    "shift_right",
+]
