@@ -1,0 +1,1 @@
+"""Conversion of official ColTran TensorFlow checkpoints, readable without TensorFlow installed."""
