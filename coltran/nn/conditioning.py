@@ -41,8 +41,10 @@ class ConditionalMLP(nn.Module):
         self._act = activation(act)
 
     def modulation(self, context: torch.Tensor) -> torch.Tensor:
-        """The projected context; the sampler computes it once per row and reuses it."""
-        return self._act(self.proj(context))
+        """The projected context; the sampler computes it once per row and reuses it. As in the official
+        `cond_with_context`, the activation applies to the affine [shift | scale] only, not to 'shift'."""
+        out = self.proj(context)
+        return self._act(out) if self.kind == "affine" else out
 
     def modulate(self, y: torch.Tensor, modulation: torch.Tensor) -> torch.Tensor:
         if self.kind == "shift":
@@ -104,3 +106,9 @@ class PlainLayerNorm(nn.LayerNorm):
 
     def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
         return super().forward(x)
+
+    def modulation(self, context: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(weight, bias): lets the sampler treat plain and conditional norms alike via `normalize`."""
+        return self.weight, self.bias
+
+    normalize = staticmethod(ConditionalLayerNorm.normalize)
