@@ -13,6 +13,7 @@ Results equal the teacher-forced network: re-scoring a sample reproduces its pro
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -166,7 +167,6 @@ def sample_colorizer(model, gray: torch.Tensor, *, num_samples: int = 1, mode: s
     device = next(model.parameters()).device
     batch = gray.shape[0]
     gray = gray.to(device).long().repeat_interleave(num_samples, dim=0)
-    n = gray.shape[0]
     if uniforms is None:
         seeds = [0] * batch if seeds is None else list(seeds)
         if len(seeds) != batch:
@@ -177,6 +177,32 @@ def sample_colorizer(model, gray: torch.Tensor, *, num_samples: int = 1, mode: s
     z = model.encode(gray)
     aux = model.encoder_logits(z)
     parallel = None if aux is None else symbols_to_colors(aux[..., 0, :].argmax(-1)).to(torch.uint8)
+    with _single_threaded(device):
+        symbols, log_probs, probs_out = _generate(model, z, uniforms, mode, temperature, official_row_cln,
+                                                  return_probs)
+    colors3 = symbols_to_colors(symbols).to(torch.uint8)
+    return ColorizerSamples(symbols, colors3, log_probs, probs_out, parallel)
+
+
+@contextlib.contextmanager
+def _single_threaded(device: torch.device):
+    """On CPU the per-pixel ops take microseconds: OpenMP fork/join costs more than it saves, and on a busy
+    machine spinning threads slow the loop down several-fold. Run the loop on one thread, then restore."""
+    if device.type != "cpu":
+        yield
+        return
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _generate(model, z, uniforms, mode, temperature, official_row_cln, return_probs):
+    """The raster loop: one inner-decoder step per pixel, one outer-decoder step per finished row."""
+    n, height, width, _ = z.shape
+    device = z.device
     outer, inner = _OuterRowStepper(model.outer_decoder, z), _InnerPixelStepper(model, z, official_row_cln)
     symbols = torch.zeros(n, height, width, dtype=torch.long, device=device)
     log_probs = torch.zeros(n, height, width, device=device)
@@ -195,5 +221,4 @@ def sample_colorizer(model, gray: torch.Tensor, *, num_samples: int = 1, mode: s
             previous = model.pixel_embed(chosen)
         if i + 1 < height:
             upper = outer.step(i, model.pixel_embed(symbols[:, i]))
-    colors3 = symbols_to_colors(symbols).to(torch.uint8)
-    return ColorizerSamples(symbols, colors3, log_probs, probs_out, parallel)
+    return symbols, log_probs, probs_out

@@ -1,0 +1,163 @@
+"""ColTranPipeline: colorizer -> colour upsampler -> spatial upsampler, in one process, one way to run it.
+
+The CLI, batch jobs, Serve and evaluation all use this object; the batch job and Serve call the numbered
+steps one stage at a time (each on its own actor pool or deployment), `__call__` chains them. No I/O, no Ray.
+
+Steps (paper sec. 4, official `sample.py`):
+  1. prepare:          image -> gray 64x64 and 256x256 (from the crop, area-resized as in training)
+  2. colorize:         gray 64 -> 3-bit 64x64 colours, `num_samples` per image (autoregressive, cached)
+  3. upsample_colors:  3-bit colours + gray 64 -> 8-bit 64x64 colours (parallel, argmax)
+  4. upsample_spatial: blocky 256x256 colours + gray 256 -> 256x256 colours (parallel, argmax)
+  5. restore:          256x256 chroma on the input's own luminance at the input's size (see coltran.chroma)
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from coltran.checkpoint import CheckpointError, load_checkpoint
+from coltran.chroma import transfer_chroma
+from coltran.configs import STAGE_NAMES
+from coltran.inputs import PreparedImage, prepare_image
+from coltran.sampling import sample_colorizer
+from coltran.transforms import from_3bit, upsample_4x
+
+RESOLUTIONS = ("full", "256")
+
+
+@dataclass
+class SampleResult:
+    seed: int
+    coarse_64: np.ndarray  # (64, 64, 3) uint8: the colorizer's 3-bit colours shown at 32k
+    upsampled_64: np.ndarray  # (64, 64, 3) uint8 after the colour upsampler
+    rgb_256: np.ndarray  # (256, 256, 3) uint8 after the spatial upsampler
+    full: np.ndarray | None  # (H, W, 3) uint8 at the input's own size (resolution='full')
+
+
+@dataclass
+class ColorizedImage:
+    size: tuple[int, int]  # (H, W) of the input (of the crop when crop='center')
+    gray_256: np.ndarray
+    samples: list[SampleResult]
+
+
+class ColTranPipeline:
+    def __init__(self, colorizer, color_upsampler, spatial_upsampler, *, device: str | torch.device | None = None,
+                 model_info: dict | None = None, upsampler_batch_size: int = 4):
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.colorizer = colorizer.to(self.device).eval()
+        self.color_upsampler = color_upsampler.to(self.device).eval()
+        self.spatial_upsampler = spatial_upsampler.to(self.device).eval()
+        self.model_info = model_info or {}
+        self.upsampler_batch_size = upsampler_batch_size
+        h, w = colorizer.config.resolution
+        if (h, w) != tuple(color_upsampler.config.resolution) or 4 * h != spatial_upsampler.config.resolution[0]:
+            raise ValueError("stage resolutions do not chain: colorizer "
+                             f"{colorizer.config.resolution}, colour upsampler {color_upsampler.config.resolution}, "
+                             f"spatial upsampler {spatial_upsampler.config.resolution}")
+
+    @classmethod
+    def from_models(cls, path: str | Path, *, device: str | torch.device | None = None, weights: str = "ema",
+                    **kwargs) -> ColTranPipeline:
+        """Load a models directory: path/colorizer, path/color_upsampler, path/spatial_upsampler."""
+        path = Path(path)
+        if not path.is_dir():
+            raise CheckpointError(f"models directory {path} does not exist")
+        ckpts = {stage: load_checkpoint(path / stage, weights=weights, stage=stage) for stage in STAGE_NAMES}
+        info = {stage: {"step": c.step, "untrained": bool(c.meta.get("untrained")), **{
+            k: c.meta[k] for k in ("name", "version", "source") if k in c.meta}} for stage, c in ckpts.items()}
+        return cls(*(ckpts[s].model for s in STAGE_NAMES), device=device, model_info=info, **kwargs)
+
+    @property
+    def untrained(self) -> bool:
+        return any(info.get("untrained") for info in self.model_info.values())
+
+    def _autocast(self):
+        """bf16 autocast on CUDA; exact fp32 on CPU."""
+        if self.device.type == "cuda":
+            return torch.autocast("cuda", dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    # 1.
+    def prepare(self, image, crop: str = "full") -> PreparedImage:
+        return prepare_image(image, crop=crop)
+
+    # 2.
+    @torch.no_grad()
+    def colorize(self, gray_64: np.ndarray, seeds: Sequence[int], num_samples: int = 1,
+                 temperature: float = 1.0, mode: str = "sample", official_row_cln: bool = False) -> np.ndarray:
+        """gray (B, 64, 64) uint8 -> 3-bit colours (B * num_samples, 64, 64, 3) uint8, image-major."""
+        gray = torch.as_tensor(np.asarray(gray_64), device=self.device)
+        with self._autocast():
+            out = sample_colorizer(self.colorizer, gray, num_samples=num_samples, mode=mode,
+                                   temperature=temperature, seeds=list(seeds), official_row_cln=official_row_cln)
+        return out.colors3.cpu().numpy()
+
+    # 3.
+    @torch.no_grad()
+    def upsample_colors(self, gray_64: np.ndarray, colors3: np.ndarray) -> np.ndarray:
+        """gray (N, 64, 64), 3-bit colours (N, 64, 64, 3) -> 8-bit colours (N, 64, 64, 3) uint8."""
+        return self._predict(self.color_upsampler, gray_64, colors3)
+
+    # 4.
+    @torch.no_grad()
+    def upsample_spatial(self, gray_256: np.ndarray, rgb_64: np.ndarray) -> np.ndarray:
+        """gray (N, 256, 256), colours (N, 64, 64, 3) -> (N, 256, 256, 3) uint8."""
+        return self._predict(self.spatial_upsampler, gray_256, upsample_4x(np.asarray(rgb_64)))
+
+    def _predict(self, model, gray: np.ndarray, tokens: np.ndarray) -> np.ndarray:
+        outs = []
+        for start in range(0, len(gray), self.upsampler_batch_size):
+            g = torch.as_tensor(np.asarray(gray[start : start + self.upsampler_batch_size]), device=self.device)
+            t = torch.as_tensor(np.asarray(tokens[start : start + self.upsampler_batch_size]), device=self.device)
+            with self._autocast():
+                outs.append(model.predict(g, t, mode="argmax").cpu().numpy())
+        return np.concatenate(outs) if outs else np.zeros((0, *tokens.shape[1:]), np.uint8)
+
+    # 5.
+    @staticmethod
+    def restore(prepared: PreparedImage, rgb_256: np.ndarray) -> np.ndarray:
+        """The input's own luma at its own size with the predicted chroma."""
+        return transfer_chroma(prepared.luma_source, rgb_256)
+
+    def __call__(self, images: Sequence, *, num_samples: int = 1, seeds: Sequence[int] | int = 0,
+                 temperature: float = 1.0, mode: str = "sample", resolution: str = "full", crop: str = "full",
+                 official_row_cln: bool = False, batch_size: int = 8) -> list[ColorizedImage]:
+        """Colorize images (PIL images, numpy gray/RGB arrays or encoded bytes). `seeds`: one per image, or a
+        base seed b giving image k the seed b + k. Colour inputs are converted to gray first."""
+        if resolution not in RESOLUTIONS:
+            raise ValueError(f"resolution must be one of {RESOLUTIONS}, got {resolution!r}")
+        if num_samples < 1:
+            raise ValueError(f"num_samples must be >= 1, got {num_samples}")
+        seeds = [seeds + k for k in range(len(images))] if isinstance(seeds, int) else list(seeds)
+        if len(seeds) != len(images):
+            raise ValueError(f"got {len(seeds)} seeds for {len(images)} images")
+        results = []
+        for start in range(0, len(images), batch_size):
+            chunk = [self.prepare(img, crop) for img in images[start : start + batch_size]]
+            results += self._run(chunk, seeds[start : start + batch_size], num_samples, temperature, mode,
+                                 resolution, official_row_cln)
+        return results
+
+    def _run(self, prepared, seeds, num_samples, temperature, mode, resolution, official_row_cln):
+        gray_64 = np.stack([p.gray_64 for p in prepared])
+        colors3 = self.colorize(gray_64, seeds, num_samples, temperature, mode, official_row_cln)
+        gray_64_rep = np.repeat(gray_64, num_samples, axis=0)
+        gray_256_rep = np.repeat(np.stack([p.gray_256 for p in prepared]), num_samples, axis=0)
+        rgb_64 = self.upsample_colors(gray_64_rep, colors3)
+        rgb_256 = self.upsample_spatial(gray_256_rep, rgb_64)
+        out = []
+        for k, prep in enumerate(prepared):
+            samples = []
+            for s in range(num_samples):
+                n = k * num_samples + s
+                full = self.restore(prep, rgb_256[n]) if resolution == "full" else None
+                samples.append(SampleResult(seeds[k], from_3bit(colors3[n]), rgb_64[n], rgb_256[n], full))
+            out.append(ColorizedImage(prep.size, prep.gray_256, samples))
+        return out
