@@ -105,8 +105,11 @@ def load_checkpoint(directory: str | Path, *, weights: str = "ema", device: str 
         _check_same_config(directory, config, expected_config)
     model = build_model(config)
     state = _read_tensors(directory / WEIGHT_FILES[weights])
-    if weights == "ema":  # the EMA file holds trainable parameters only; buffers come from the raw weights
-        state = {**_read_tensors(directory / WEIGHT_FILES["model"]), **state}
+    if weights == "ema":  # the EMA file holds trainable parameters only; the rest comes from the raw weights,
+        # never a trainable one: a gap in the EMA file is reported, not filled silently with raw weights
+        trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+        raw = _read_tensors(directory / WEIGHT_FILES["model"])
+        state = {**{k: v for k, v in raw.items() if k not in trainable}, **state}
     check_state_dict(model, state, source=str(directory / WEIGHT_FILES[weights]))
     model.load_state_dict(state)
     model.to(device).eval()

@@ -147,7 +147,10 @@ def config_from_dict(data: dict[str, Any], stage: str | None = None, base: Model
     `base` (e.g. a preset) supplies the values that `data` leaves out.
     """
     data = dict(data)
-    stage = data.pop("stage", None) or stage or (base.stage if base is not None else None)
+    named = data.pop("stage", None)
+    if named is not None and stage is not None and named != stage:
+        raise ConfigError(f"config is for stage {named!r}, expected {stage!r}")
+    stage = named or stage or (base.stage if base is not None else None)
     if stage is None:
         raise ConfigError("config has no 'stage'; expected one of " + ", ".join(STAGE_NAMES))
     _check_choice("stage", stage, STAGE_NAMES)
@@ -192,6 +195,8 @@ def load_config(path: str | Path, stage: str | None = None) -> ModelConfig:
         data = yaml.safe_load(Path(path).read_text())
     except FileNotFoundError:
         raise ConfigError(f"config file {path} does not exist") from None
+    except yaml.YAMLError as err:
+        raise ConfigError(f"config file {path} is not valid YAML: {err}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"config file {path} must hold a mapping, got {type(data).__name__}")
     return config_from_dict(data, stage=stage)
@@ -206,9 +211,10 @@ def resolve_config(spec: str, stage: str) -> ModelConfig:
 
 def _coerce(stage: str, name: str, value: Any, default: Any) -> Any:
     if isinstance(default, tuple):
-        if not isinstance(value, list | tuple) or len(value) != len(default):
+        if (not isinstance(value, list | tuple) or len(value) != len(default)
+                or any(isinstance(v, bool) or not isinstance(v, int) for v in value)):
             raise ConfigError(f"{stage}.{name} must be a list of {len(default)} ints, got {value!r}")
-        return tuple(int(v) for v in value)
+        return tuple(value)
     if isinstance(default, bool):
         if not isinstance(value, bool):
             raise ConfigError(f"{stage}.{name} must be true or false, got {value!r}")
@@ -232,6 +238,12 @@ def _check_choice(name: str, value: Any, choices: tuple) -> None:
 
 
 def _check_common(cfg: Any) -> None:
+    for name in ("hidden_size", "ff_size", "num_heads"):
+        if getattr(cfg, name) < 1:
+            raise ConfigError(f"{name} must be a positive integer, got {getattr(cfg, name)}")
+    for name in [f.name for f in dataclasses.fields(cfg) if f.name.endswith("_layers")]:
+        if getattr(cfg, name) < 0:
+            raise ConfigError(f"{name} must be >= 0, got {getattr(cfg, name)}")
     if cfg.hidden_size % cfg.num_heads:
         raise ConfigError(f"hidden_size {cfg.hidden_size} is not divisible by num_heads {cfg.num_heads}")
     if any(r <= 0 for r in cfg.resolution):

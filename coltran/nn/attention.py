@@ -84,11 +84,17 @@ class AxialAttention(nn.Module):
         """t (..., h, C) scaled and shifted (or shifted) by a projection of the per-position context."""
         if proj is None:
             return t
-        cond = self._cond_act(proj(context)).unflatten(-1, (self.num_heads, -1))  # (..., h, 2C | C)
-        if self.cond_scale:
-            scale, shift = cond.split(self.head_size, dim=-1)  # [scale | shift]
-            return t * scale + shift
-        return t + cond
+        scale, shift = self.cond_scale_shift(proj, context)
+        return t + shift if scale is None else t * scale + shift
+
+    def cond_scale_shift(self, proj: nn.Linear, context: torch.Tensor):
+        """(scale, shift), each (..., h, C), that `proj` derives from the context ([scale | shift] split);
+        scale is None in the shift-only variant, which applies no activation (as the official code)."""
+        cond = proj(context).unflatten(-1, (self.num_heads, -1))  # (..., h, 2C | C)
+        if not self.cond_scale:
+            return None, cond
+        scale, shift = self._cond_act(cond).split(self.head_size, dim=-1)
+        return scale, shift
 
     def project(self, x: torch.Tensor, context: torch.Tensor | None = None):
         """q (pre-scaled by C^-1/2), k, v, each (..., h, C), for inputs x (..., D)."""
