@@ -28,7 +28,7 @@ from coltran.convert.tf_mapping import TFVariable, official_variables, to_torch_
 from coltran.models import build_model
 from coltran.optim import RMSPROP_ALPHA, make_optimizer
 
-MAX_LISTED = 25
+MAX_LISTED = 12
 
 
 class ConversionError(ValueError):
