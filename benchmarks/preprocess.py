@@ -1,0 +1,145 @@
+"""Preprocessing throughput: the Ray Data job (pipelines.preprocess) against a plain single-process Pillow loop
+that makes the same tensors from the same files and writes them to Parquet; images/s, ratio and peak RSS.
+
+    .venv/bin/python benchmarks/preprocess.py [--images 200] [--num-cpus 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import psutil
+import pyarrow.parquet as pq
+
+from pipelines.dataset_format import split_of
+from pipelines.examples import image_examples, rows_to_table
+
+SAMPLE = Path(__file__).resolve().parents[2] / "shared" / "data" / "imagenet-sample-500"
+
+
+class PeakRss:
+    """Samples the RSS of this process and of its descendants (Ray's workers) every 50 ms."""
+
+    def __init__(self) -> None:
+        self.me = psutil.Process()
+        self.driver = self.workers = self.total = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            driver, workers, total = self.me.memory_info().rss, 0, 0
+            for child in self.me.children(recursive=True):
+                try:
+                    rss = child.memory_info().rss
+                    total += rss
+                    workers += rss if child.name().startswith("ray::") else 0
+                except psutil.Error:
+                    continue
+            self.driver, self.workers = max(self.driver, driver), max(self.workers, workers)
+            self.total = max(self.total, driver + total)
+            self._stop.wait(0.05)
+
+    def __enter__(self) -> PeakRss:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+def arrange(images: int, root: Path) -> list[Path]:
+    """The first `images` sample JPEGs as a folder tree train/<wnid>/<file> (one class per image here)."""
+    files = sorted(SAMPLE.glob("*.JPEG"))[:images]
+    if len(files) < images:
+        raise SystemExit(f"need {images} images in {SAMPLE}, found {len(files)}")
+    out = []
+    for f in files:
+        target = root / "train" / f.name.split("_")[0] / f.name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(f, target)
+        out.append(target)
+    return out
+
+
+def plain_loop(files: list[Path], root: Path, settings: dict) -> int:
+    """One process: read, decode, crop/resize and write Parquet, split by the same rule as the job."""
+    rows = {"train": [], "heldout": []}
+    for path in files:
+        key = path.relative_to(root).as_posix()
+        split = split_of(key, settings["heldout_fraction"])
+        for ex in image_examples(key, path.read_bytes(), split=split, train_crops=settings["train_crops"],
+                                 seed=0, max_pixels=64_000_000, min_side=8):
+            rows[split].append({"key": key, "label": None, "split": split, "source": str(root), **ex})
+    for split, items in rows.items():
+        pq.write_table(rows_to_table(items), root.parent / f"loop_{split}.parquet")
+    return len(files)
+
+
+def timed(fn) -> tuple[float, PeakRss]:
+    with PeakRss() as mem:
+        start = time.perf_counter()
+        fn()
+        return time.perf_counter() - start, mem
+
+
+def run_job(root: Path, dest: Path, settings: dict) -> None:
+    from pipelines.preprocess import PreprocessSettings, run_preprocess
+
+    run_preprocess(PreprocessSettings(sources=[str(root)], dest=str(dest), **settings))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--images", type=int, default=200)
+    parser.add_argument("--num-cpus", type=int, default=2)
+    parser.add_argument("--train-crops", type=int, default=1)
+    parser.add_argument("--heldout-fraction", type=float, default=0.01)
+    args = parser.parse_args()
+    settings = {"train_crops": args.train_crops, "heldout_fraction": args.heldout_fraction}
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    os.environ.pop("RAY_ADDRESS", None)
+    with tempfile.TemporaryDirectory(prefix="coltran-bench-") as tmp:
+        work = Path(tmp)
+        files = arrange(args.images, work / "data")
+        root = work / "data" / "train"
+        loop_s, loop_mem = timed(lambda: plain_loop(files, root, settings))
+        import ray
+
+        ray.init(_node_ip_address="127.0.0.2", num_cpus=args.num_cpus, object_store_memory=300_000_000,
+                 include_dashboard=False, log_to_driver=False)
+        try:  # first job: fresh workers, so worker start-up and imports (torch via coltran) are included
+            cold_s, cold_mem = timed(lambda: run_job(root, work / "cold", settings))
+            job_s, job_mem = timed(lambda: run_job(root, work / "warm1", settings))
+            # the machine is shared: repeat both once, interleaved, and keep the faster of each
+            loop_s = min(loop_s, timed(lambda: plain_loop(files, root, settings))[0])
+            job2_s, _ = timed(lambda: run_job(root, work / "warm2", settings))
+            job_s = min(job_s, job2_s)
+            manifest = json.loads((work / "warm2" / "manifest.json").read_text())
+        finally:
+            ray.shutdown()
+    stored = sum(s["images"] for s in manifest["splits"].values())
+    assert stored + manifest["failures"]["count"] == args.images, manifest["splits"]
+    mib = 1 << 20
+    print(f"images: {args.images} JPEGs from imagenet-sample-500, train_crops={args.train_crops}, "
+          f"heldout_fraction={args.heldout_fraction}, {args.num_cpus} CPUs for Ray, {psutil.cpu_count()} cores seen")
+    print(f"plain Pillow loop (1 process): {loop_s:6.2f} s  {args.images / loop_s:7.1f} images/s  "
+          f"peak RSS {loop_mem.driver / mib:.0f} MiB")
+    print(f"Ray Data job, warm workers:    {job_s:6.2f} s  {args.images / job_s:7.1f} images/s  "
+          f"peak RSS driver {job_mem.driver / mib:.0f} MiB, workers {job_mem.workers / mib:.0f} MiB, "
+          f"all Ray processes + driver {job_mem.total / mib:.0f} MiB")
+    print(f"Ray Data job, first run:       {cold_s:6.2f} s  {args.images / cold_s:7.1f} images/s  "
+          f"(includes worker start-up and imports; peak workers RSS {cold_mem.workers / mib:.0f} MiB)")
+    print(f"ratio Ray/plain (warm): {loop_s / job_s:.2f}x   (first run: {loop_s / cold_s:.2f}x); best of 2 runs each")
+
+
+if __name__ == "__main__":
+    main()

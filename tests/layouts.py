@@ -1,0 +1,166 @@
+"""Fixture builders (not tests) for the preprocessing tests: one ImageNet subset arranged in every source layout
+(folder tree, tar of per-class tars, .tar.gz, zip, flat folder + labels file, S3 prefixes on a moto server),
+and a local Ray started on loopback with its own auth token."""
+
+from __future__ import annotations
+
+import io
+import os
+import tarfile
+import zipfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+SAMPLE = DATA / "imagenet-sample-500"
+
+
+@dataclass
+class Layouts:
+    """The same images in each layout; `expected` maps key -> (bytes, label) for every layout."""
+
+    root: Path
+    wnids: list[str]
+    expected: dict[str, tuple[bytes, int]] = field(default_factory=dict)
+    flat_labels: dict[str, int] = field(default_factory=dict)  # flat folder: file name -> label
+
+    @property
+    def tree(self) -> Path:
+        return self.root / "train"
+
+    @property
+    def tar_of_tars(self) -> Path:
+        return self.root / "ILSVRC2012_img_train.tar"
+
+    @property
+    def tar_gz(self) -> Path:
+        return self.root / "train.tar.gz"
+
+    @property
+    def zip(self) -> Path:
+        return self.root / "train.zip"
+
+    @property
+    def flat(self) -> Path:
+        return self.root / "val"
+
+    @property
+    def labels_file(self) -> Path:
+        return self.root / "val_labels.csv"
+
+
+def build_layouts(root: Path, images: int = 40, classes: int = 8) -> Layouts:
+    """`images` sample JPEGs spread over `classes` folders named after the first `classes` wnids."""
+    files = sorted(SAMPLE.glob("*.JPEG"))[:images]
+    wnids = sorted({f.name.split("_")[0] for f in files[:classes]})
+    lay = Layouts(root=root, wnids=wnids)
+    by_class: dict[str, list[Path]] = {w: [] for w in wnids}
+    for i, f in enumerate(files):
+        by_class[wnids[i % classes]].append(f)
+    for label, (wnid, members) in enumerate(by_class.items()):
+        (lay.tree / wnid).mkdir(parents=True)
+        for f in members:
+            (lay.tree / wnid / f.name).write_bytes(f.read_bytes())
+            lay.expected[f"{wnid}/{f.name}"] = (f.read_bytes(), label)
+    with tarfile.open(lay.tar_of_tars, "w") as outer:
+        for wnid, members in by_class.items():
+            buf = io.BytesIO()
+            with tarfile.open(fileobj=buf, mode="w") as inner:
+                for f in members:
+                    inner.add(f, arcname=f.name)
+            info = tarfile.TarInfo(f"{wnid}.tar")
+            info.size = buf.tell()
+            buf.seek(0)
+            outer.addfile(info, buf)
+    with tarfile.open(lay.tar_gz, "w:gz") as tgz, zipfile.ZipFile(lay.zip, "w") as zf:
+        for key in lay.expected:
+            tgz.add(lay.tree / key, arcname=key)
+            zf.write(lay.tree / key, arcname=key)
+    lay.flat.mkdir()
+    lines = ["filename,label"]
+    for key, (data, label) in lay.expected.items():
+        name = key.split("/")[1]
+        (lay.flat / name).write_bytes(data)
+        lay.flat_labels[name] = label
+        lines.append(f"{name.rsplit('.', 1)[0]},{wnids[label]}")  # ImageNet style: no extension, a wnid
+    lay.labels_file.write_text("\n".join(lines) + "\n")
+    return lay
+
+
+@dataclass
+class MotoS3:
+    endpoint_url: str
+    bucket: str
+
+    def client(self):
+        import boto3
+
+        return boto3.client("s3", endpoint_url=self.endpoint_url, region_name="us-east-1")
+
+    def upload(self, local: Path, prefix: str) -> None:
+        s3 = self.client()
+        for path in sorted(p for p in local.rglob("*") if p.is_file()):
+            s3.upload_file(str(path), self.bucket, f"{prefix}/{path.relative_to(local).as_posix()}")
+
+    def filesystem(self):
+        from pipelines.s3 import s3_filesystem
+
+        return s3_filesystem(self.endpoint_url)
+
+
+@contextmanager
+def env_vars(values: dict[str, str | None]) -> Iterator[None]:
+    """Set (or, for None, unset) environment variables, restoring the previous values after."""
+    saved = {k: os.environ.get(k) for k in values}
+    for k, v in values.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+@contextmanager
+def moto_s3(bucket: str = "coltran-test") -> Iterator[MotoS3]:
+    """A moto S3 server thread on a free loopback port, with dummy credentials and AWS_ENDPOINT_URL set in
+    os.environ (so Ray workers started afterwards inherit them)."""
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    endpoint = f"http://{host}:{port}"
+    creds = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
+             "AWS_ENDPOINT_URL": endpoint, "AWS_SESSION_TOKEN": None, "AWS_PROFILE": None}
+    try:
+        with env_vars(creds):
+            s3 = MotoS3(endpoint, bucket)
+            s3.client().create_bucket(Bucket=bucket)
+            yield s3
+    finally:
+        server.stop()
+
+
+@contextmanager
+def local_ray(num_cpus: int = 2) -> Iterator[None]:
+    """A private local Ray on 127.0.0.2, stopped with ray.shutdown(). RAY_AUTH_MODE is left unset, so ray.init
+    does what it does for a cluster it starts: token auth on, with ~/.ray/auth_token (created if missing);
+    setting the variable by hand after `import ray` would not reach Ray's cached config."""
+    import ray
+
+    with env_vars({"RAY_AUTH_MODE": None, "RAY_ADDRESS": None, "RAY_USAGE_STATS_ENABLED": "0"}):
+        ray.init(_node_ip_address="127.0.0.2", num_cpus=num_cpus, object_store_memory=300_000_000,
+                 include_dashboard=False, log_to_driver=False)
+        try:
+            yield
+        finally:
+            ray.shutdown()
