@@ -207,3 +207,22 @@ def test_spatial_upsampler_256(fixture):
     assert abs(-picked.astype(np.float64).mean() / math.log(2) - scalars["train_losses"]["loss"]) < LOSS_TOL
     _, ema_stats = _channel_pass_stats(ema, gray, tokens, labels, io)
     assert abs(sum(ema_stats["nats"]) / pixels / math.log(2) - scalars["ema_eval_losses"]["loss"]) < LOSS_TOL
+
+
+@pytest.mark.parametrize("fixture", ["colorizer"], indirect=True)
+def test_official_sampler_reproduced_with_row_only_cln(fixture):
+    """With `official_row_cln=True` the cached sampler's argmax chain is the official `sample_auto_argmax`,
+    with the official per-pixel probabilities; with the trained (whole-image) cLN it is not."""
+    from coltran.sampling import sample_colorizer
+
+    raw, _, io, _ = fixture
+    gray = torch.from_numpy(io["gray"][..., 0])
+    out = sample_colorizer(raw, gray, mode="argmax", official_row_cln=True, return_probs=True)
+    np.testing.assert_array_equal(out.symbols.numpy(), io["sample_symbols"])
+    np.testing.assert_array_equal(from_3bit(out.colors3).numpy(), io["sample_auto_argmax"])
+    np.testing.assert_array_equal(from_3bit(out.parallel).numpy(), io["sample_parallel"])
+    probs = out.probs.numpy()
+    np.testing.assert_allclose(_selected(probs, io), io["sample_proba_sel"], rtol=0, atol=PROBA_TOL)
+    np.testing.assert_allclose(probs.max(-1), io["sample_proba_max"], rtol=0, atol=PROBA_TOL)
+    trained = sample_colorizer(raw, gray, mode="argmax")
+    assert (trained.symbols.numpy() != io["sample_symbols"]).mean() > 0.1

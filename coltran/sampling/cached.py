@@ -97,7 +97,7 @@ class _InnerPixelStepper:
     def start_row(self, i: int, upper: torch.Tensor) -> None:
         """Precompute everything of row i that does not depend on the pixels being generated."""
         zi = self.z[:, i]
-        self.base = self.pos[i] + (zi + upper if self.inner.skip else 0.0)  # (N, W, D)
+        self.base = self.pos[i] + zi + upper if self.inner.skip else self.pos[i].expand_as(zi)  # (N, W, D)
         context = torch.cat((zi, upper), dim=-1)  # (N, W, 2D)
         self.scales, self.shifts, self.cmlp_mods = [], [], []
         for att, cmlp in zip(self.inner.attns, self.inner.cmlps, strict=True):
@@ -120,11 +120,8 @@ class _InnerPixelStepper:
         for proj in (att.cond_q, att.cond_k, att.cond_v):
             scale, shift = context.new_ones(shape), context.new_zeros(shape)
             if proj is not None:
-                cond = att._cond_act(proj(context)).unflatten(-1, (att.num_heads, -1))
-                if att.cond_scale:
-                    scale, shift = cond.split(att.head_size, dim=-1)
-                else:
-                    shift = cond
+                cond_scale, shift = att.cond_scale_shift(proj, context)
+                scale = scale if cond_scale is None else cond_scale
             scales.append(scale)
             shifts.append(shift)
         return torch.stack(scales, dim=2), torch.stack(shifts, dim=2)
