@@ -1,0 +1,124 @@
+"""ColTranPipeline on real photos, the chroma transfer, init-models and the single-file CLI."""
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from coltran.checkpoint import CheckpointError
+from coltran.chroma import luma, transfer_chroma
+from coltran.cli import main
+from coltran.init_models import init_models
+from coltran.pipeline import ColTranPipeline
+
+DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "imagenet-sample-500"
+needs_data = pytest.mark.skipif(not DATA.is_dir(), reason=f"{DATA} is not available")
+
+
+@pytest.fixture(scope="module")
+def models_dir(tmp_path_factory):
+    return init_models(tmp_path_factory.mktemp("models") / "m", preset="test", seed=3)
+
+
+@pytest.fixture(scope="module")
+def pipe(models_dir):
+    return ColTranPipeline.from_models(models_dir, device="cpu")
+
+
+def photo(name_part: str) -> Path:
+    return next(p for p in sorted(DATA.glob("*.JPEG")) if name_part in p.name)
+
+
+@needs_data
+def test_real_photo_full_resolution_keeps_size_and_luma(pipe):
+    path = photo("tench")
+    original = np.asarray(Image.open(path).convert("RGB"))
+    result = pipe([path.read_bytes()], num_samples=2, seeds=[9])[0]
+    assert result.size == original.shape[:2]
+    assert len(result.samples) == 2
+    for sample in result.samples:
+        assert sample.full.shape == original.shape and sample.full.dtype == np.uint8
+        assert np.abs(luma(sample.full) - luma(original)).max() <= 0.5 + 1e-6
+        assert sample.rgb_256.shape == (256, 256, 3)
+        assert sample.upsampled_64.shape == (64, 64, 3)
+        assert (sample.coarse_64 % 32 == 0).all()  # the colorizer's output lies on the 32k grid
+    assert not np.array_equal(result.samples[0].coarse_64, result.samples[1].coarse_64)
+
+
+@needs_data
+def test_input_kinds_crop_and_resolution(pipe):
+    path = photo("tench")
+    pil = Image.open(path)
+    rgb = np.asarray(pil.convert("RGB"))
+    gray = np.asarray(pil.convert("L"))
+    by_bytes = pipe([path.read_bytes()], mode="argmax", resolution="256")[0]
+    by_pil = pipe([pil], mode="argmax", resolution="256")[0]
+    by_array = pipe([rgb], mode="argmax", resolution="256")[0]
+    assert by_bytes.samples[0].full is None
+    assert np.array_equal(by_bytes.samples[0].rgb_256, by_pil.samples[0].rgb_256)
+    assert np.array_equal(by_bytes.samples[0].rgb_256, by_array.samples[0].rgb_256)
+    gray_out = pipe([gray], mode="argmax")[0]
+    assert gray_out.size == gray.shape
+    assert np.abs(luma(gray_out.samples[0].full) - gray).max() <= 0.5 + 1e-6
+    centre = pipe([rgb], crop="center", mode="argmax")[0]
+    side = min(rgb.shape[:2])
+    assert centre.size == (side, side) and centre.samples[0].full.shape == (side, side, 3)
+
+
+def test_seeds_are_per_image_and_reproducible(pipe):
+    gray = np.random.default_rng(0).integers(0, 256, (2, 80, 120), dtype=np.uint8)
+    a = pipe(list(gray), seeds=[1, 2], resolution="256")
+    b = pipe([gray[1]], seeds=[2], resolution="256")
+    assert np.array_equal(a[1].samples[0].coarse_64, b[0].samples[0].coarse_64)
+    c = pipe(list(gray), seeds=10, resolution="256")  # base seed: image k gets 10 + k
+    d = pipe(list(gray), seeds=[10, 11], resolution="256")
+    assert all(np.array_equal(x.samples[0].rgb_256, y.samples[0].rgb_256) for x, y in zip(c, d, strict=True))
+    with pytest.raises(ValueError, match="seeds"):
+        pipe(list(gray), seeds=[1])
+    with pytest.raises(ValueError, match="resolution"):
+        pipe(list(gray), resolution="512")
+
+
+def test_transfer_chroma_keeps_luma_and_fits_the_gamut():
+    rng = np.random.default_rng(0)
+    source = rng.integers(0, 256, (37, 53, 3), dtype=np.uint8)
+    colour = rng.integers(0, 256, (256, 256, 3), dtype=np.uint8)
+    out = transfer_chroma(source, colour)
+    assert out.shape == source.shape
+    assert np.abs(luma(out) - luma(source)).max() <= 0.5 + 1e-6
+    grey = np.full((10, 10, 3), 128, np.uint8)
+    assert np.array_equal(transfer_chroma(grey, grey), grey)
+    saturated = np.zeros((4, 4, 3), np.uint8)
+    saturated[..., 0] = 255
+    red_on_white = transfer_chroma(np.full((4, 4), 250, np.uint8), saturated)
+    assert np.abs(luma(red_on_white) - 250).max() <= 0.5 + 1e-6  # chroma scaled down to fit, luma kept
+
+
+def test_models_directory_errors(tmp_path, models_dir):
+    with pytest.raises(CheckpointError, match="does not exist"):
+        ColTranPipeline.from_models(tmp_path / "nope")
+    broken = tmp_path / "broken"
+    init_models(broken, "test")
+    (broken / "spatial_upsampler" / "ema.safetensors").unlink()
+    with pytest.raises(CheckpointError, match="ema.safetensors is missing"):
+        ColTranPipeline.from_models(broken)
+    pipe = ColTranPipeline.from_models(models_dir)
+    assert pipe.untrained and all(info["untrained"] for info in pipe.model_info.values())
+
+
+@needs_data
+def test_cli_init_models_and_colorize_files(tmp_path, capsys):
+    assert main(["init-models", str(tmp_path / "m"), "--preset", "test"]) == 0
+    assert "UNTRAINED" in capsys.readouterr().out
+    src = photo("tench")
+    bad = tmp_path / "bad.jpg"
+    bad.write_bytes(b"not an image at all")
+    code = main(["colorize", str(src), str(bad), "--models", str(tmp_path / "m"), "--out", str(tmp_path / "out"),
+                 "--num-samples", "2", "--format", "jpeg", "--mode", "argmax"])
+    assert code == 1  # one input failed, and said so
+    err = capsys.readouterr().err
+    assert "bad.jpg: failed" in err
+    outputs = sorted(p.name for p in (tmp_path / "out").iterdir())
+    assert outputs == [f"{src.stem}_s0.jpg", f"{src.stem}_s1.jpg"]
+    assert Image.open(tmp_path / "out" / outputs[0]).size == Image.open(src).size
