@@ -1,0 +1,58 @@
+"""Shared session fixtures: a real MLflow server, a moto S3 server and a token-authenticated Ray pool
+cluster (see services.py and ray_pool.py), all on loopback, started on first use and reaped at the end."""
+
+from __future__ import annotations
+
+import secrets
+import subprocess
+from collections.abc import Iterator
+
+import pytest
+from ray_pool import RayPoolCluster, connected_driver, run_ray_pool_cluster
+from services import MlflowServer, S3Server, run_mlflow_server, run_s3_server, start_watchdog
+
+
+@pytest.fixture(scope="session")
+def service_mark() -> Iterator[str]:
+    """This session's process mark; a watchdog reaps every marked process if pytest dies without teardown."""
+    mark = f"pytest-{secrets.token_hex(6)}"
+    watchdog = start_watchdog(mark)
+    yield mark
+    watchdog.terminate()
+    try:
+        watchdog.wait(timeout=5)
+    except subprocess.TimeoutExpired:
+        watchdog.kill()
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(tmp_path_factory, service_mark) -> Iterator[MlflowServer]:
+    with run_mlflow_server(tmp_path_factory.mktemp("mlflow"), f"{service_mark}/mlflow") as server:
+        yield server
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory, service_mark) -> Iterator[S3Server]:
+    with run_s3_server(tmp_path_factory.mktemp("s3"), f"{service_mark}/s3") as server:
+        yield server
+
+
+@pytest.fixture
+def s3_env(s3_server, monkeypatch) -> dict[str, str]:
+    """The S3 server's endpoint and dummy credentials set in os.environ for one test only."""
+    for name, value in s3_server.env.items():
+        monkeypatch.setenv(name, value)
+    return s3_server.env
+
+
+@pytest.fixture(scope="session")
+def ray_pool_cluster(service_mark) -> Iterator[RayPoolCluster]:
+    with run_ray_pool_cluster(f"{service_mark}/ray") as cluster:
+        yield cluster
+
+
+@pytest.fixture
+def ray_pool_driver(ray_pool_cluster) -> Iterator[RayPoolCluster]:
+    """This test process connected as a driver to the pool cluster (token auth set up), disconnected after."""
+    with connected_driver(ray_pool_cluster) as cluster:
+        yield cluster
