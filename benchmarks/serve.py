@@ -1,0 +1,170 @@
+"""Load test of the Serve app on loopback: 1 and 16 concurrent clients, the colorizer batched versus
+max_batch_size=1, in one run on a local Ray. Prints requests/s, p50/p99 latency and failures per setting.
+
+    python benchmarks/serve.py [--models DIR] [--batch 16] [--requests 2] [--num-cpus 2]
+
+Defaults: untrained `test` preset models, resolution 256, a real photo from ../shared/data when present (else a
+synthetic gray image). Exits 1 if any request failed."""
+
+from __future__ import annotations
+
+import argparse
+import io
+import os
+import socket
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import requests
+from PIL import Image
+
+PHOTO = Path(__file__).resolve().parents[2] / "shared" / "data" / "imagenet-sample-500" / "n01530575_brambling.JPEG"
+
+
+@dataclass
+class LoadResult:
+    setting: str
+    clients: int
+    requests: int
+    failed: int
+    seconds: float
+    latencies: list[float]
+    batch_sizes: list[int]
+    batch_seconds: list[float]  # the colorizer's time in each sampling pass
+
+    @property
+    def rps(self) -> float:
+        return (self.requests - self.failed) / self.seconds
+
+    def pct(self, q: float) -> float:
+        return float(np.percentile(self.latencies, q)) if self.latencies else float("nan")
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def photo_bytes() -> bytes:
+    if PHOTO.exists():
+        return PHOTO.read_bytes()
+    y, x = np.mgrid[0:375, 0:500]
+    buf = io.BytesIO()
+    Image.fromarray(((x * 3 + y * 5) % 256).astype(np.uint8), "L").save(buf, format="JPEG")
+    return buf.getvalue()
+
+
+def drive(url: str, body: bytes, clients: int, per_client: int) -> tuple[list[float], int, float]:
+    """`clients` threads, each sending `per_client` requests back to back; (latencies, failures, wall seconds)."""
+    latencies: list[float] = []
+    failures = [0]
+    lock = threading.Lock()
+    start_line = threading.Barrier(clients + 1)
+
+    def client(k: int) -> None:
+        session = requests.Session()
+        start_line.wait()
+        for i in range(per_client):
+            t0 = time.perf_counter()
+            try:
+                response = session.post(f"{url}/colorize", data=body, timeout=600,
+                                        params={"resolution": "256", "seed": 1000 * k + i})
+                ok = response.status_code == 200 and response.content[:4] == b"\x89PNG"
+            except requests.RequestException:
+                ok = False
+            with lock:
+                latencies.append(time.perf_counter() - t0)
+                failures[0] += not ok
+
+    threads = [threading.Thread(target=client, args=(k,)) for k in range(clients)]
+    for thread in threads:
+        thread.start()
+    start_line.wait()
+    t0 = time.perf_counter()
+    for thread in threads:
+        thread.join()
+    return latencies, failures[0], time.perf_counter() - t0
+
+
+def bench_setting(name: str, app_args: dict, url: str, body: bytes, loads: list[tuple[int, int]]) -> list[LoadResult]:
+    from ray import serve
+
+    from pipelines.serve import build_app
+
+    serve.run(build_app(app_args), name="coltran", route_prefix="/")
+    colorizer = serve.get_deployment_handle("Colorizer", app_name="coltran")
+    drive(url, body, 2, 1)  # warm-up: first calls pay for lazy initialisation
+    results = []
+    for clients, per_client in loads:
+        colorizer.reset_stats.remote().result()
+        latencies, failed, seconds = drive(url, body, clients, per_client)
+        stats = colorizer.stats.remote().result()
+        results.append(LoadResult(name, clients, clients * per_client, failed, seconds, latencies,
+                                  stats["batch_sizes"], stats["batch_seconds"]))
+        print(f"  {name}: {clients} client(s) done in {seconds:.1f} s", file=sys.stderr, flush=True)
+    serve.delete("coltran")
+    return results
+
+
+def print_table(results: list[LoadResult]) -> None:
+    print(f"{'setting':<22} {'clients':>7} {'requests':>8} {'failed':>6} {'req/s':>7} {'p50 s':>7} {'p99 s':>7} "
+          f"{'mean batch':>10} {'colorizer s/req':>15}")
+    for r in results:
+        mean_batch = statistics.mean(r.batch_sizes) if r.batch_sizes else float("nan")
+        per_request = sum(r.batch_seconds) / max(sum(r.batch_sizes), 1)
+        print(f"{r.setting:<22} {r.clients:>7} {r.requests:>8} {r.failed:>6} {r.rps:>7.2f} {r.pct(50):>7.2f} "
+              f"{r.pct(99):>7.2f} {mean_batch:>10.2f} {per_request:>15.2f}")
+    by = {(r.setting.split()[0], r.clients): r for r in results}
+    for clients in sorted({r.clients for r in results}):
+        if ("batched", clients) in by and ("unbatched", clients) in by:
+            ratio = by["batched", clients].rps / by["unbatched", clients].rps
+            print(f"throughput batched / unbatched at {clients} client(s): {ratio:.2f}x")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", default=None, help="models directory (default: fresh untrained test preset)")
+    parser.add_argument("--batch", type=int, default=16, help="the batched setting's max_batch_size")
+    parser.add_argument("--requests", type=int, default=2, help="requests per client at 16 clients")
+    parser.add_argument("--single-requests", type=int, default=4, help="requests of the single client")
+    parser.add_argument("--num-cpus", type=int, default=2)
+    args = parser.parse_args(argv)
+    import ray
+    from ray import serve
+
+    from coltran.init_models import init_models
+
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    tmp = tempfile.TemporaryDirectory(prefix="coltran-bench-")
+    models = args.models or str(init_models(Path(tmp.name) / "models", "test"))
+    body = photo_bytes()
+    ray.init(_node_ip_address="127.0.0.2", num_cpus=args.num_cpus, object_store_memory=300_000_000,
+             include_dashboard=False)
+    port = free_port()
+    loads = [(1, args.single_requests), (16, args.requests)]
+    try:
+        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        url = f"http://127.0.0.1:{port}"
+        results = []
+        for name, batch in ((f"batched (max {args.batch})", args.batch), ("unbatched (max 1)", 1)):
+            app_args = {"models": models, "colorizer": {"max_batch_size": batch, "batch_wait_timeout_s": 0.05}}
+            results += bench_setting(name, app_args, url, body, loads)
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+        tmp.cleanup()
+    print(f"ColTran Serve benchmark: test preset, resolution 256, {len(body):,}-byte photo, "
+          f"{args.num_cpus} Ray CPUs, {os.cpu_count()} machine CPUs")
+    print_table(results)
+    return 1 if any(r.failed for r in results) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

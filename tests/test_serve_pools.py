@@ -1,0 +1,99 @@
+"""jobs/serve.yaml as written (deployments, autoscaling, label selectors) deployed with `serve run` onto the
+labelled pool cluster (tests/ray_pool.py): every stage's replica lands on its own pool's node and the app answers."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+import requests
+import yaml
+from PIL import Image
+from ray_pool import connected_driver
+from services import VENV_BIN, free_port
+
+from coltran.init_models import init_models
+
+JOB_FILE = Path(__file__).resolve().parents[1] / "jobs" / "serve.yaml"
+DEPLOYMENT_POOLS = {"Colorizer": "colorizer", "ColorUpsampler": "color_upsampler",
+                    "SpatialUpsampler": "spatial_upsampler", "Ingress": "cpu"}
+
+pytestmark = [pytest.mark.ray, pytest.mark.slow]
+
+
+def _local_copy(tmp_path: Path, models: Path, port: int) -> Path:
+    """The job file with only what a laptop needs changed: local models, no MLflow, a free loopback port and one
+    HTTP proxy (all the test cluster's nodes share one loopback address, so only one can bind the port)."""
+    config = yaml.safe_load(JOB_FILE.read_text())
+    config["http_options"] = {"host": "127.0.0.1", "port": port}
+    config["proxy_location"] = "HeadOnly"
+    config["applications"][0]["args"].update(models=str(models), tracking_uri=None)
+    path = tmp_path / "serve.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def _wait_healthy(url: str, timeout: float) -> dict:
+    deadline = time.monotonic() + timeout
+    last = None
+    while time.monotonic() < deadline:
+        try:
+            response = requests.get(f"{url}/healthz", timeout=10)
+            if response.status_code == 200:
+                return response.json()
+            last = f"HTTP {response.status_code}: {response.text[:300]}"
+        except requests.RequestException as err:
+            last = repr(err)
+        time.sleep(1.0)
+    raise AssertionError(f"the app from {JOB_FILE.name} was not healthy after {timeout:.0f} s: {last}")
+
+
+def test_job_file_deploys_each_stage_on_its_pool(ray_pool_cluster, tmp_path):
+    from ray.serve.schema import ServeDeploySchema
+
+    ServeDeploySchema.model_validate(yaml.safe_load(JOB_FILE.read_text()))
+    models = init_models(tmp_path / "models", "test")
+    port = free_port()
+    config = _local_copy(tmp_path, models, port)
+    run = subprocess.run([str(VENV_BIN / "serve"), "run", "--non-blocking", "--address", ray_pool_cluster.address,
+                          str(config)], env=ray_pool_cluster.client_env(), capture_output=True, text=True,
+                         timeout=300)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    with connected_driver(ray_pool_cluster):
+        from ray import serve
+
+        try:
+            url = f"http://127.0.0.1:{port}"
+            health = _wait_healthy(url, 300)
+            assert health["untrained"] is True and set(health["models"]) == {"colorizer", "color_upsampler",
+                                                                             "spatial_upsampler"}
+            gray = Image.new("L", (40, 30), 128)
+            response = requests.post(f"{url}/colorize", data=_png(gray), params={"resolution": "256"}, timeout=300)
+            assert response.status_code == 200, response.text
+            placed = replica_nodes(ray_pool_cluster)
+            expected = {name: ray_pool_cluster.node_ids[pool] for name, pool in DEPLOYMENT_POOLS.items()}
+            assert placed == expected, f"replicas on {placed}, pools' nodes {ray_pool_cluster.node_ids}"
+        finally:
+            serve.shutdown()
+
+
+def replica_nodes(cluster) -> dict[str, str]:
+    """deployment name -> node id of its alive replica, from the state API (authenticated with the token)."""
+    request = urllib.request.Request(f"{cluster.dashboard_url}/api/v0/actors?limit=1000", headers=cluster.headers)
+    with urllib.request.urlopen(request, timeout=30) as response:
+        actors = json.load(response)["data"]["result"]["result"]
+    prefix = "ServeReplica:coltran:"
+    return {a["class_name"].removeprefix(prefix): a["node_id"] for a in actors
+            if a["state"] == "ALIVE" and a["class_name"].startswith(prefix)}
+
+
+def _png(image: Image.Image) -> bytes:
+    import io
+
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    return buf.getvalue()
