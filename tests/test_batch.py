@@ -1,0 +1,320 @@
+"""Batch colorization on a real local Ray (and a moto S3 server): folder + tar + zip + the bad-image corpus in one
+run (every input accounted for, outputs sized right, full resolution keeping the input's luma, nothing outside
+DEST), an S3 prefix plus preprocessed Parquet written to S3, and a job killed midway then resumed."""
+
+from __future__ import annotations
+
+import io
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+from corpus import build_bad_image_corpus, build_hostile_tar, build_hostile_zip
+from layouts import SAMPLE, env_vars, local_ray
+from PIL import Image
+
+from coltran.chroma import luma
+from coltran.cli import main as coltran_main
+from coltran.imageio import decode_image
+from coltran.init_models import init_models
+from pipelines.batch_manifest import ResumeError, begin_attempt, merge_parts, read_parts
+from pipelines.batch_outputs import image_seed, output_relpath, put_bytes, source_labels
+from pipelines.batch_settings import ConfigError, load_settings
+from pipelines.s3 import s3_filesystem
+
+pytestmark = pytest.mark.skipif(not SAMPLE.is_dir(), reason=f"test images not found at {SAMPLE}")
+READER_REASON = {"unsafe_path": "unsafe_path", "link": "link", "duplicate": "duplicate_name",
+                 "bad_name": "non_utf8_name", "special": "special_file"}
+ONE_PER_BATCH = [f"--set={stage}.batch_size=1" for stage in ("prepare", "colorizer", "color_upsampler",
+                                                               "spatial_upsampler", "write")]
+
+
+def _real(n: int, gray: bool = False) -> list:
+    names = set((SAMPLE / "GRAYSCALE_FILES.txt").read_text().split())
+    return [p for p in sorted(SAMPLE.glob("*.JPEG")) if (p.name in names) == gray][:n]
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    return init_models(tmp_path_factory.mktemp("models"), "test")
+
+
+@pytest.fixture(scope="module")
+def ray_s3(s3_server):
+    """A local Ray whose workers inherit the S3 server's endpoint and credentials."""
+    with env_vars({**s3_server.env, "AWS_SESSION_TOKEN": None, "AWS_PROFILE": None}), local_ray(num_cpus=2):
+        yield s3_server
+
+
+def _manifest(path) -> list[dict]:
+    rows = pq.read_table(path).to_pylist()
+    assert len({(r["key"], r["stage"] == "read" and r["reason"]) for r in rows}) == len(rows), "duplicate rows"
+    return rows
+
+
+# --- rules, no Ray ---------------------------------------------------------------------------------------------
+
+def test_output_paths_never_leave_dest():
+    hostile = ["../x.jpg", "/abs/y.jpg", "a/../../b.jpg", "a\\..\\..\\c.jpg", "", ".", "./.", "x\x00y\n.jpg",
+               "C:\\w.jpg", "é/" + "n" * 400 + ".jpg", "bad\\xff.jpg", "//double//slash.png"]
+    paths = [output_relpath(k, 0, "png") for k in hostile]
+    for key, path in zip(hostile, paths, strict=True):
+        parts = path.split("/")
+        assert parts[0] == "images" and ".." not in parts and "" not in parts and not path.startswith("/"), key
+        assert all(len(p.encode()) <= 255 for p in parts) and "\x00" not in path and "\n" not in path, key
+    assert len(set(paths)) == len(paths)
+    assert output_relpath("a/b.jpg", 1, "jpeg") == "images/a/b.jpg_s1.jpg"
+    assert output_relpath("a/b.jpg", 0, "png") != output_relpath("a/b.png", 0, "png")
+    assert source_labels(["/x/photos/", "s3://b/photos", "/y/more.tar.gz"]) == {
+        "/x/photos/": "photos", "s3://b/photos": "photos-2", "/y/more.tar.gz": "more"}
+
+
+def test_image_seed_is_stable_and_per_key():
+    assert image_seed(0, "n01/a.JPEG") == 473369386  # pinned: a seed must never change between versions
+    seeds = {image_seed(b, k) for b in (0, 1) for k in ("a", "b", "a/b")}
+    assert len(seeds) == 6 and all(0 <= s < 2**31 for s in seeds)
+
+
+def test_settings_are_strict():
+    s = load_settings(data={"sources": ["x"], "models": "m", "out": "o"},
+                      overrides=["colorizer.batch_size=3", "spatial_upsampler.pool_max=2"])
+    assert (s.colorizer.batch_size, s.spatial_upsampler.pool_max, s.color_upsampler.batch_size) == (3, 2, 8)
+    with pytest.raises(ConfigError, match="valid keys"):
+        load_settings(data={"sources": ["x"], "models": "m", "out": "o"}, overrides=["colorizer.batchsize=3"])
+    with pytest.raises(ConfigError, match="mode must be one of"):
+        load_settings(data={"sources": ["x"], "models": "m", "out": "o", "mode": "greedy"})
+    job = load_settings(Path(__file__).resolve().parents[1] / "jobs" / "colorize.yaml", overrides=["sources=[a]", "out=/tmp/x"])
+    assert job.models.startswith("models:/@") and job.colorizer.pool_max >= job.colorizer.pool_min
+
+
+def _part(key, status, attempt, stage="done", reason=None, minute=0):
+    import datetime
+
+    return {"key": key, "status": status, "attempt": attempt, "stage": stage, "reason": reason,
+            "finished_at": datetime.datetime(2026, 1, 1, 0, minute, tzinfo=datetime.UTC)}
+
+
+def test_merge_prefers_this_attempt_and_reports_earlier_work_as_skipped():
+    import pyarrow as pa
+
+    from pipelines.batch_manifest import MANIFEST_SCHEMA
+
+    rows = [_part("a", "done", 1), _part("b", "failed", 1, "decode", "corrupt"), _part("gone", "failed", 1, "decode"),
+            _part("dup", "done", 1), _part("dup", "failed", 1, "read", "duplicate_name"),
+            _part("dup", "failed", 2, "read", "duplicate_name"), _part("b", "done", 2),
+            _part("e", "done", 2, minute=1), _part("e", "failed", 2, "write", "write_error", minute=2),
+            _part("a", "done", 1, minute=3)]  # a retried task wrote `a` twice
+    record, manifest = merge_parts(pa.Table.from_pylist(rows, schema=MANIFEST_SCHEMA), attempt=2)
+    got = {(r["key"], r["stage"] == "read"): (r["status"], r["reason"], r["attempt"]) for r in manifest.to_pylist()}
+    assert got == {("a", False): ("skipped", "already_done", 1), ("b", False): ("done", None, 2),
+                   ("dup", False): ("skipped", "already_done", 1), ("dup", True): ("failed", "duplicate_name", 2),
+                   ("e", False): ("done", None, 2)}
+    assert sorted(record.column("status").to_pylist()) == ["done"] * 4 + ["failed"]
+
+
+def test_resume_refuses_other_settings(tmp_path):
+    from pyarrow import fs as pafs
+
+    local = pafs.LocalFileSystem()
+    assert begin_attempt(local, str(tmp_path), {"seed": 0, "models": {"colorizer": "x"}}) == 1
+    assert begin_attempt(local, str(tmp_path), {"seed": 0, "models": {"colorizer": "x"}}) == 2
+    with pytest.raises(ResumeError, match="seed: earlier 0, now 1"):
+        begin_attempt(local, str(tmp_path), {"seed": 1, "models": {"colorizer": "x"}})
+    put_bytes(local, str(tmp_path / "other"), "manifest.parquet", b"not ours")
+    with pytest.raises(ResumeError, match="not a batch destination"):
+        begin_attempt(local, str(tmp_path / "other"), {})
+
+
+# --- real Ray ---------------------------------------------------------------------------------------------------
+
+def _printable(name: str) -> str:
+    return name.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
+def _local_sources(root):
+    """A folder of real images, a hostile tar and zip holding a real image, and the bad-image corpus: the expected
+    (status, reason, stage) per manifest identity and the input bytes of every usable key."""
+    (root / "photos").mkdir(parents=True)
+    expected, inputs = {}, {}
+    for path in _real(1) + _real(1, gray=True):
+        (root / "photos" / path.name).write_bytes(path.read_bytes())
+        expected[(f"photos/{path.name}", False)] = ("done", None)
+        inputs[f"photos/{path.name}"] = path.read_bytes()
+    good = _real(3)[2].read_bytes()
+    for label, build in (("tarball", build_hostile_tar), ("zipped", build_hostile_zip)):
+        for m in build(root / f"{label}.{'tar' if label == 'tarball' else 'zip'}", good):
+            key = f"{label}/{_printable(m.name)}"
+            if m.expect == "ok":
+                expected[(key, False)], inputs[key] = ("done", None), good
+            elif m.reason == "not_an_image":
+                expected[(key, False)] = ("failed", "not_an_image")
+            elif m.expect == "reject":
+                expected[(key, True)] = ("failed", READER_REASON[m.reason])
+    for item in build_bad_image_corpus(root / "corpus"):
+        key = f"corpus/{item.name}"
+        expected[(key, False)] = ("done", None) if item.expect == "ok" else ("failed", item.reason)
+        if item.expect == "ok":
+            inputs[key] = item.path.read_bytes()
+    return [str(root / n) for n in ("photos", "tarball.tar", "zipped.zip", "corpus")], expected, inputs
+
+
+@pytest.mark.ray
+def test_folder_archives_and_bad_inputs_at_full_resolution(tmp_path, models, ray_s3):
+    sources, expected, inputs = _local_sources(tmp_path / "in")
+    dest = tmp_path / "out"
+    start = time.monotonic()
+    code = coltran_main(["colorize", *sources, "--models", str(models), "--out", str(dest), "--seed", "7"])
+    print(f"local run: {time.monotonic() - start:.1f} s for {len(expected)} inputs")
+    assert code == 1  # some inputs failed, like single-file colorize
+    rows = _manifest(dest / "manifest.parquet")
+    got = {(r["key"], r["stage"] == "read"): (r["status"], r["reason"]) for r in rows}
+    assert got == expected
+    files = {p.relative_to(dest).as_posix() for p in dest.rglob("*") if p.is_file()}
+    outputs = set()
+    for row in (r for r in rows if r["status"] == "done"):
+        assert row["seed"] == image_seed(7, row["key"].split("/", 1)[1]) and row["attempt"] == 1
+        assert len(row["outputs"]) == 1 and row["resolution"] == "full"
+        source = decode_image(inputs[row["key"]]).rgb
+        with Image.open(dest / row["outputs"][0]) as im:
+            out = np.asarray(im.convert("RGB"))
+        assert out.shape[:2] == source.shape[:2] == (row["height"], row["width"]) == (row["out_height"],
+                                                                                       row["out_width"])
+        assert np.abs(luma(out) - luma(source)).max() <= 0.5 + 1e-6, row["key"]
+        assert all(row[t] is not None and row[t] >= 0 for t in ("colorizer_s", "spatial_upsampler_s", "write_s"))
+        outputs.update(row["outputs"])
+    assert files - outputs == {"manifest.parquet", "_batch_state.json"} | {
+        f for f in files if f.startswith("_manifest_parts/a00001-merged-")}
+    assert len([f for f in files if f.startswith("_manifest_parts/")]) == 1
+    for escaped in (tmp_path / "evil.jpg", tmp_path / "in" / "evil.jpg", tmp_path.parent / "evil.jpg",
+                    tmp_path / "evil2.jpg", dest / "evil.jpg"):
+        assert not escaped.exists()
+
+
+@pytest.mark.ray
+def test_s3_prefix_and_parquet_to_s3(tmp_path, models, ray_s3):
+    from pipelines.preprocess import PreprocessSettings, run_preprocess
+
+    bucket = ray_s3.create_bucket("batch-io")
+    folder, flat = tmp_path / "s3in", tmp_path / "flat"
+    folder.mkdir(), flat.mkdir()
+    for path in _real(2, gray=False)[:1] + _real(2, gray=True)[1:]:
+        (folder / path.name).write_bytes(path.read_bytes())
+    (folder / "cut.jpg").write_bytes(_real(1)[0].read_bytes()[:5000])
+    ray_s3.upload_folder(folder, bucket, "in")
+    for path in _real(4)[3:4]:
+        (flat / path.name).write_bytes(path.read_bytes())
+    run_preprocess(PreprocessSettings(sources=[str(flat)], dest=str(tmp_path / "ds"), heldout_fraction=1.0))
+    code = coltran_main(["colorize", f"s3://{bucket}/in", str(tmp_path / "ds"), "--models", str(models),
+                         "--out", f"s3://{bucket}/out/", "--format", "jpeg", "--num-samples", "2"])
+    assert code == 1
+    fs = s3_filesystem()
+    rows = {r["key"]: r for r in pq.read_table(f"{bucket}/out/manifest.parquet", filesystem=fs).to_pylist()}
+    expected_keys = {f"in/{p.name}" for p in folder.iterdir()} | {f"ds/heldout/{p.name}" for p in flat.iterdir()}
+    assert set(rows) == expected_keys
+    assert (rows["in/cut.jpg"]["status"], rows["in/cut.jpg"]["reason"]) == ("failed", "truncated")
+    differs = []
+    for key, row in rows.items():
+        if key == "in/cut.jpg":
+            continue
+        assert row["status"] == "done" and len(row["outputs"]) == 2
+        parquet = key.startswith("ds/")
+        assert row["resolution"] == ("256" if parquet else "full")
+        images = []
+        for rel in row["outputs"]:
+            with fs.open_input_stream(f"{bucket}/out/{rel}") as f, Image.open(io.BytesIO(f.read())) as im:
+                assert im.format == "JPEG" and rel.endswith(".jpg")
+                images.append(np.asarray(im.convert("RGB")))
+        size = (256, 256) if parquet else decode_image((folder / key.split("/", 1)[1]).read_bytes()).size
+        assert all(im.shape[:2] == size == (row["out_height"], row["out_width"]) for im in images), key
+        differs.append(not np.array_equal(images[0], images[1]))
+    assert any(differs), "two samples per image should differ"
+
+
+@pytest.mark.ray
+def test_killed_run_resumes_without_redoing_work(tmp_path, models, ray_s3):
+    import ray
+
+    src, dest = tmp_path / "src", tmp_path / "out"
+    src.mkdir()
+    for path in _real(8)[4:8]:
+        (src / path.name).write_bytes(path.read_bytes())
+    args = ["colorize", str(src), "--models", str(models), "--out", str(dest), "--batch", "--resolution", "256",
+            *ONE_PER_BATCH]
+    env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_USAGE_STATS_ENABLED": "0"}
+    env.pop("RAY_ADDRESS", None)
+    address = ray.get_runtime_context().gcs_address
+    log = tmp_path / "first.log"
+    with open(log, "wb") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "coltran.cli", *args, "--ray-address", address], env=env,
+                                stdout=out, stderr=subprocess.STDOUT)
+    from pyarrow import fs as pafs
+
+    local, deadline, done = pafs.LocalFileSystem(), time.monotonic() + 180, []
+    try:
+        while not done:
+            assert proc.poll() is None, f"the job ended before it was killed:\n{log.read_text()[-3000:]}"
+            assert time.monotonic() < deadline, f"no progress in 180 s:\n{log.read_text()[-3000:]}"
+            time.sleep(0.3)
+            parts = read_parts(local, str(dest))[0].to_pylist()
+            done = [r for r in parts if r["status"] == "done"]
+    finally:
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+    killed_at = time.monotonic()
+    while ray.available_resources().get("CPU", 0) < ray.cluster_resources()["CPU"]:  # its workers are gone
+        assert time.monotonic() < deadline + 60, "the killed job's actors were not released"
+        time.sleep(0.3)
+    assert not (dest / "manifest.parquet").exists() and len(done) < 4, "the kill should land midway"
+    first = {r["key"]: r for r in read_parts(local, str(dest))[0].to_pylist() if r["status"] == "done"}
+    stamps = {k: [(dest / o).stat().st_mtime_ns for o in r["outputs"]] for k, r in first.items()}
+    print(f"killed after {len(first)} done; resources back after {time.monotonic() - killed_at:.1f} s")
+    assert coltran_main(args) == 0
+    rows = _manifest(dest / "manifest.parquet")
+    assert sorted(r["key"] for r in rows) == sorted(p.name for p in src.iterdir())
+    for row in rows:
+        if row["key"] in first:
+            assert (row["status"], row["reason"], row["attempt"]) == ("skipped", "already_done", 1)
+            assert row["outputs"] == first[row["key"]]["outputs"]
+            assert row["finished_at"] == first[row["key"]]["finished_at"]
+            assert [(dest / o).stat().st_mtime_ns for o in row["outputs"]] == stamps[row["key"]], "redone"
+        else:
+            assert (row["status"], row["attempt"]) == ("done", 2)
+    images = sorted(p.relative_to(dest).as_posix() for p in (dest / "images").rglob("*") if p.is_file())
+    assert images == sorted(o for r in rows for o in r["outputs"]) and len(images) == 4
+    assert not any((dest / "_tmp").glob("*"))
+
+
+@pytest.mark.slow
+def test_models_from_the_registry_are_pinned_and_loaded_per_stage(tmp_path, models, mlflow_server, monkeypatch):
+    import torch
+    from mlflow import MlflowClient
+
+    from coltran.checkpoint import load_checkpoint
+    from pipelines.batch import resolve_stage_models, stage_actor_kwargs
+    from pipelines.batch_stages import STAGE_ACTORS
+    from pipelines.tracking import register_stage
+    from pipelines.train.config import REGISTERED_NAMES
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server.uri)
+    monkeypatch.setenv("COLTRAN_MODEL_CACHE", str(tmp_path / "cache"))
+    client = MlflowClient(mlflow_server.uri)
+    run_id = client.create_run(client.create_experiment("batch-test")).info.run_id
+    for stage, name in REGISTERED_NAMES.items():
+        register_stage(models / stage, run_id=run_id, name=name, alias="production", tracking_uri=mlflow_server.uri)
+    resolved = resolve_stage_models("models:/@production")
+    assert {s: m.ref for s, m in resolved.items()} == {s: f"models:/{n}/1" for s, n in REGISTERED_NAMES.items()}
+    assert all(m.label.endswith("(untrained)") for m in resolved.values())
+    settings = load_settings(data={"sources": ["x"], "models": "models:/@production", "out": "o"})
+    actor = STAGE_ACTORS["colorizer"](**stage_actor_kwargs(settings, "colorizer", resolved, "cpu"))
+    assert actor.pipe.color_upsampler is None and actor.pipe.spatial_upsampler is None  # one stage per actor
+    expected = load_checkpoint(models / "colorizer").model.state_dict()
+    assert all(torch.equal(v, expected[k]) for k, v in actor.pipe.colorizer.state_dict().items())
+    out = actor({"key": np.array(["k"], dtype=object), "seed": np.array([3]),
+                 "gray_64": np.zeros((1, 64, 64), np.uint8)})
+    assert out["colors3"].shape == (1, 1, 64, 64, 3) and out["colorizer_s"].shape == (1,)
