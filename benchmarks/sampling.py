@@ -31,6 +31,20 @@ def timed(fn, device) -> float:
     return time.perf_counter() - start
 
 
+def bench_batch(model, batch: int, device, naive_pixels: int) -> tuple[float, float, float]:
+    """Seconds for: the cached sampler, the naive sampler (extrapolated to 4096 pixels), one forward pass."""
+    pixels = 64 * 64
+    gray = torch.randint(0, 256, (batch, 64, 64), device=device)
+    sample_colorizer(model, gray[:1], mode="sample")  # warm-up
+    t_cached = timed(lambda: sample_colorizer(model, gray, mode="sample", seeds=range(batch)), device)
+    colors3 = torch.randint(0, 8, (batch, 64, 64, 3), device=device)
+    model(gray, colors3)
+    t_forward = min(timed(lambda: model(gray, colors3), device) for _ in range(3))
+    uniforms = make_uniforms(range(batch), 1, pixels, device)
+    t_naive = timed(lambda: naive_sample_colorizer(model, gray, uniforms, num_pixels=naive_pixels), device)
+    return t_cached, t_naive * pixels / naive_pixels, t_forward
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -49,18 +63,10 @@ def main() -> None:
           f"threads {torch.get_num_threads()}), preset={size}, dtype={'bf16' if device.type == 'cuda' else 'fp32'}")
     print(f"{'batch':>5} {'cached img/s':>13} {'naive img/s*':>13} {'cached/naive':>13} "
           f"{'forward s':>10} {'sample/forward':>15}")
+    n_pix = min(args.naive_pixels, pixels)
     with torch.no_grad(), autocast:
         for batch in batches:
-            gray = torch.randint(0, 256, (batch, 64, 64), device=device)
-            sample_colorizer(model, gray[:1], mode="sample")  # warm-up
-            t_cached = timed(lambda: sample_colorizer(model, gray, mode="sample", seeds=range(batch)), device)
-            colors3 = torch.randint(0, 8, (batch, 64, 64, 3), device=device)
-            model(gray, colors3)
-            t_forward = min(timed(lambda: model(gray, colors3), device) for _ in range(3))
-            uniforms = make_uniforms(range(batch), 1, pixels, device)
-            n_pix = min(args.naive_pixels, pixels)
-            t_naive = timed(lambda: naive_sample_colorizer(model, gray, uniforms, num_pixels=n_pix), device)
-            t_naive *= pixels / n_pix
+            t_cached, t_naive, t_forward = bench_batch(model, batch, device, n_pix)
             print(f"{batch:5d} {batch / t_cached:13.3f} {batch / t_naive:13.5f} {t_naive / t_cached:13.1f} "
                   f"{t_forward:10.3f} {t_cached / t_forward:15.2f}")
     print(f"* naive timed on the first {n_pix} of {pixels} pixels and extrapolated linearly")

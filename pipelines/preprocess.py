@@ -113,8 +113,10 @@ def _write_split(plan: SourcePlan, split: str, settings: PreprocessSettings, fs:
         fn_kwargs={"split": split, "train_crops": settings.train_crops, "seed": settings.seed,
                    "max_pixels": settings.max_pixels, "min_side": settings.min_side, "failures_fs": fs,
                    "failures_dir": f"{dest}/{FAILURES_STAGING}"})
+    # The write asks for a different CPU share than the decode so Ray keeps them apart: fused, the write's
+    # min_rows_per_file would bundle a whole file's worth of images into one (serial) decode task.
     ds.write_parquet(f"{dest}/{split}", filesystem=fs, min_rows_per_file=settings.min_rows_per_file,
-                     try_create_dir=not _is_object_store(fs))
+                     try_create_dir=not _is_object_store(fs), ray_remote_args={"num_cpus": 0.5})
     if not fs.get_file_info(pafs.FileSelector(f"{dest}/{split}", allow_not_found=True)):
         # nothing usable in this split: an empty shard keeps `read_parquet(DEST/split)` and the schema working
         if not _is_object_store(fs):

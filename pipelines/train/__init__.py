@@ -1,0 +1,1 @@
+"""Training the three ColTran stages at once on Ray Train, tracked in MLflow: job config, driver, worker loop."""

@@ -1,0 +1,74 @@
+"""Training data: the preprocessed training split as a Ray Dataset whose per-worker shards become an endless
+stream of torch batches that remembers its position (epoch, batch within the epoch); the fixed held-out set."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import pyarrow.dataset as pads
+import pyarrow.fs as pafs
+import ray.data
+import torch
+
+from pipelines.dataset_format import read_tensor_column
+from pipelines.s3 import resolve_path
+
+# The uint8 tensor columns each stage's `loss` reads.
+STAGE_COLUMNS = {
+    "colorizer": ["gray_64", "rgb_64"],
+    "color_upsampler": ["gray_64", "rgb_64"],
+    "spatial_upsampler": ["gray_256", "rgb_256", "rgb_64"],
+}
+SHUFFLE_BUFFER = 256  # rows; a local shuffle on top of the random crops made at preprocessing
+
+
+def open_train_dataset(root: str, stage: str, split: str) -> ray.data.Dataset:
+    """The training split with only the columns `stage` reads."""
+    fs, path = resolve_path(root)
+    return ray.data.read_parquet(f"{path}/{split}", filesystem=fs, columns=STAGE_COLUMNS[stage])
+
+
+@dataclass
+class DataPosition:
+    epoch: int = 0
+    batch: int = 0  # batches of this epoch already consumed
+
+
+def train_batches(shard, batch_size: int, position: DataPosition, seed: int,
+                  device: torch.device) -> Iterator[dict[str, torch.Tensor]]:
+    """Endless batches from a worker's shard, advancing `position` in place. On resume the epoch in `position`
+    is restarted with the same shuffle seed and its consumed batches are skipped, so epochs stay counted;
+    Ray Data hands blocks to workers dynamically, so the exact sample order is not replayed."""
+    while True:
+        skip, produced = position.batch, 0
+        batches = shard.iter_torch_batches(batch_size=batch_size, drop_last=True, device=device,
+                                           local_shuffle_buffer_size=SHUFFLE_BUFFER,
+                                           local_shuffle_seed=seed * 100_003 + position.epoch)
+        for batch in batches:
+            produced += 1
+            if produced <= skip:
+                continue
+            position.batch += 1
+            yield batch
+        if produced == 0:
+            raise RuntimeError(f"the training shard gave no batch of {batch_size} rows; the dataset is smaller "
+                               "than one per-worker batch")
+        position.epoch, position.batch = position.epoch + 1, 0
+
+
+def eval_batches(root: str, split: str, stage: str, rows: int, batch_size: int,
+                 device: torch.device) -> list[dict[str, torch.Tensor]]:
+    """The first `rows` rows of the held-out split (files in name order), a fixed set read with plain pyarrow
+    (no Ray Data execution, so every evaluation and every attempt sees the same images), as torch batches."""
+    fs, path = resolve_path(root)
+    selector = pafs.FileSelector(f"{path}/{split}", recursive=True)
+    files = sorted(i.path for i in fs.get_file_info(selector) if i.path.endswith(".parquet"))
+    if not files:
+        raise FileNotFoundError(f"no Parquet files under {root}/{split}; expected the held-out split there")
+    table = pads.dataset(files, filesystem=fs, format="parquet").head(rows, columns=STAGE_COLUMNS[stage])
+    if table.num_rows == 0:
+        raise RuntimeError(f"the held-out split {root}/{split} is empty; expected rows for evaluation")
+    tensors = {name: torch.from_numpy(read_tensor_column(table, name)) for name in STAGE_COLUMNS[stage]}
+    return [{name: t[start:start + batch_size].to(device) for name, t in tensors.items()}
+            for start in range(0, table.num_rows, batch_size)]
