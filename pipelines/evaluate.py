@@ -24,7 +24,7 @@ import numpy as np
 import ray
 
 from coltran.configs import STAGE_NAMES
-from coltran.metrics import StatsCache, feature_statistics, frechet_distance, stats_key
+from coltran.metrics import StatsCache, feature_statistics, frechet_distance, inception_path, stats_key
 from pipelines.batch import resolve_stage_models
 from pipelines.batch_stages import STAGE_ACTORS
 from pipelines.evaluate_data import PREPARE, digests, list_candidates, rows_dataset, select
@@ -139,6 +139,7 @@ def _metrics(rows: dict, ref_stats, settings: EvalSettings) -> dict[str, float]:
 def run_evaluation(settings: EvalSettings, *, ray_address: str | None = None) -> EvalResult:
     """Evaluate, write the report to settings.out, log it to MLflow (unless disabled); return the result."""
     started = time.monotonic()
+    inception_path()  # fail fast, naming `pip install coltran[eval]`, before any image is read
     models = resolve_stage_models(settings.models)
     if not ray.is_initialized():
         ray.init(address=ray_address)
