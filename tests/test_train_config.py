@@ -84,7 +84,8 @@ def test_unknown_keys_are_errors_that_list_the_valid_keys(tmp_path):
     ("stages.colorizer.model.preset=huge", r"size must be one of \['full', 'mid', 'test'\], got 'huge'"),
     ("mlflow.experiment=null", r"mlflow.experiment must not be null"),
     ("stages=3", r"stages must be a mapping, got 3"),
-    ("run_name=a/b", r"run_name must not contain '/'"),
+    ("run_name=a/b", r"run_name must be letters, digits, '.', '_' or '-' .*got 'a/b'"),
+    ("run_name=\"it's\"", r"run_name must be letters, digits"),
 ])
 def test_bad_values_name_the_key_and_the_expectation(override, message):
     with pytest.raises(ConfigError, match=message):

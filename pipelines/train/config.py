@@ -7,6 +7,7 @@ key=value` overrides (dotted paths, values parsed as YAML). An unknown key is an
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -118,8 +119,9 @@ class JobConfig:
         for name in ("run_name", "storage_path", "dataset"):
             if not getattr(self, name):
                 raise ConfigError(f"{name} is required in the job file (or --set {name}=...)")
-        if "/" in self.run_name:
-            raise ConfigError(f"run_name must not contain '/', got {self.run_name!r}")
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", self.run_name):
+            raise ConfigError(f"run_name must be letters, digits, '.', '_' or '-' (it names runs and storage "
+                              f"directories), got {self.run_name!r}")
         if not self.enabled_stages():
             raise ConfigError("every stage is disabled; enable at least one of " + ", ".join(STAGE_NAMES))
         for name in self.enabled_stages():

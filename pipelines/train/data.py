@@ -57,10 +57,9 @@ def train_batches(shard, batch_size: int, position: DataPosition, seed: int,
         position.epoch, position.batch = position.epoch + 1, 0
 
 
-def eval_batches(root: str, split: str, stage: str, rows: int, batch_size: int,
-                 device: torch.device) -> list[dict[str, torch.Tensor]]:
+def eval_batches(root: str, split: str, stage: str, rows: int, batch_size: int) -> list[dict[str, torch.Tensor]]:
     """The first `rows` rows of the held-out split (files in name order), a fixed set read with plain pyarrow
-    (no Ray Data execution, so every evaluation and every attempt sees the same images), as torch batches."""
+    (no Ray Data execution, so every evaluation and every attempt sees the same images), as CPU torch batches."""
     fs, path = resolve_path(root)
     selector = pafs.FileSelector(f"{path}/{split}", recursive=True)
     files = sorted(i.path for i in fs.get_file_info(selector) if i.path.endswith(".parquet"))
@@ -70,5 +69,5 @@ def eval_batches(root: str, split: str, stage: str, rows: int, batch_size: int,
     if table.num_rows == 0:
         raise RuntimeError(f"the held-out split {root}/{split} is empty; expected rows for evaluation")
     tensors = {name: torch.from_numpy(read_tensor_column(table, name)) for name in STAGE_COLUMNS[stage]}
-    return [{name: t[start:start + batch_size].to(device) for name, t in tensors.items()}
+    return [{name: t[start:start + batch_size] for name, t in tensors.items()}
             for start in range(0, table.num_rows, batch_size)]

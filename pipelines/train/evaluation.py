@@ -20,9 +20,10 @@ def evaluate(model: torch.nn.Module, ema: EMA, batches: list[dict],
              autocast: Callable[[], AbstractContextManager]) -> dict:
     """Mean held-out metrics over `batches` with the EMA weights, keyed `eval/<metric>` (loss = bits/dim)."""
     sums: dict[str, float] = {}
-    count = 0
+    count, device = 0, next(model.parameters()).device
     with ema.swapped_into(model), _eval_mode(model):
         for batch in batches:
+            batch = {key: value.to(device) for key, value in batch.items()}
             with autocast():
                 _, metrics = model.loss(batch, random_channel=False)
             n = len(next(iter(batch.values())))
@@ -38,7 +39,8 @@ def evaluate(model: torch.nn.Module, ema: EMA, batches: list[dict],
 def sample_grid(model: torch.nn.Module, ema: EMA, batch: dict, num_images: int,
                 autocast: Callable[[], AbstractContextManager]) -> np.ndarray:
     """(3 * S, num_images * S, 3) uint8 grid for the first `num_images` rows of `batch` (S = image side)."""
-    rows = {key: value[:num_images] for key, value in batch.items()}
+    device = next(model.parameters()).device
+    rows = {key: value[:num_images].to(device) for key, value in batch.items()}
     stage = model.config.stage
     with ema.swapped_into(model), _eval_mode(model), autocast():
         if stage == "colorizer":

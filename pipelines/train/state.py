@@ -85,8 +85,8 @@ def restore(state: TrainState, config: ModelConfig, *, rank: int, world: int) ->
 def replica_spread(model: torch.nn.Module, world: int) -> float:
     """Largest difference of a weight checksum across ranks: 0.0 when DDP kept the replicas identical."""
     with torch.no_grad():
-        flat = torch.cat([p.detach().double().flatten() for p in model.parameters()]).cpu()
-        weights = torch.arange(1, flat.numel() + 1, dtype=torch.float64).remainder_(9973).add_(1)
+        flat = torch.cat([p.detach().double().flatten() for p in model.parameters()])
+        weights = torch.arange(1, flat.numel() + 1, dtype=torch.float64, device=flat.device).remainder_(9973).add_(1)
         checksum = float((flat * weights).sum())
     sums = _gather(checksum, world)
     return max(sums) - min(sums)

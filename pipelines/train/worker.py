@@ -67,10 +67,13 @@ class _Window:
 def train_loop(config: dict) -> None:
     """Ray Train entry point. `config`: {"job": job dict, "stage", "mlflow_run_id", "tracking_uri"}."""
     job, stage = job_from_dict(config["job"]), config["stage"]
-    spec, model_cfg = job.stage(stage), job.stage(config["stage"]).model_config(stage)
+    spec = job.stage(stage)
+    model_cfg = spec.model_config(stage)
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device()
+    if device.type == "cuda":
+        torch.cuda.set_device(device)  # NCCL collectives on objects use the current device
     torch.manual_seed(spec.train.seed)  # the same initial weights on every rank
     model = build_model(model_cfg).to(device)
     state = TrainState(model=model, ema=EMA(model, spec.train.ema_decay),
@@ -83,8 +86,7 @@ def train_loop(config: dict) -> None:
     per_worker = spec.train.batch_size // world
     evals = []
     if rank == 0 and spec.train.eval_every_steps:
-        evals = eval_batches(job.dataset, job.eval_split, stage, spec.train.eval_batches * per_worker, per_worker,
-                             device)
+        evals = eval_batches(job.dataset, job.eval_split, stage, spec.train.eval_batches * per_worker, per_worker)
     loop = _Loop(job, stage, state, ddp, logger, evals, rank, world, device, config["mlflow_run_id"])
     loop.run(ray.train.get_dataset_shard("train"), per_worker)
     if logger is not None:
