@@ -5,7 +5,9 @@ stage's standalone images/s, measured in the same run with the same batch sizes 
 End-to-end "steady" images/s counts the images finished after the first one over the time between the first and
 the last finish (from the manifest's finished_at), so Ray start-up, model loading and pipeline fill are left out;
 "wall" includes them. A stage's standalone rate is its actor class called in this process, alone, on the same
-inputs. Target: end-to-end steady >= 0.8 x the slowest stage.
+inputs. Target: end-to-end steady >= 0.8 x the slowest stage. On a shared machine the load can change several-fold
+between the two measurements, so the table also gives the slowest stage's busy share inside the end-to-end run
+(its per-image compute times from the manifest over the run's window): near 1 means the pipeline kept it fed.
 
     .venv/bin/python benchmarks/batch.py [--presets test,mid] [--images test=16,mid=2] [--set key=value ...]
 """
@@ -57,9 +59,12 @@ def end_to_end(settings: BatchSettings, count: int) -> dict[str, float]:
     wall = time.monotonic() - start
     if summary.counts["done"] != count:
         raise RuntimeError(f"end-to-end run finished {summary.counts} of {count} images")
-    finished = sorted(pq.read_table(f"{settings.out}/manifest.parquet").column("finished_at").to_pylist())
-    span = (finished[-1] - finished[0]).total_seconds()
-    return {"wall": count / wall, "steady": (count - 1) / span if count > 1 and span > 0 else count / wall}
+    rows = sorted(pq.read_table(f"{settings.out}/manifest.parquet").to_pylist(), key=lambda r: r["finished_at"])
+    span = (rows[-1]["finished_at"] - rows[0]["finished_at"]).total_seconds()
+    out = {"wall": count / wall, "steady": (count - 1) / span if count > 1 and span > 0 else count / wall}
+    for stage in STAGE_NAMES:  # share of the run's window in which the stage's actor was computing
+        out[f"busy_{stage}"] = sum(r[f"{stage}_s"] for r in rows) / (span + rows[0][f"{stage}_s"])
+    return out
 
 
 def standalone(settings: BatchSettings, images: list[bytes]) -> dict[str, float]:
@@ -86,22 +91,25 @@ def run_preset(preset: str, count: int, workdir: Path, overrides: list[str]) -> 
     images = write_images(workdir / f"images-{preset}", count)
     settings = load_settings(data={"sources": [str(workdir / f"images-{preset}")], "models": str(models),
                                    "out": str(workdir / f"out-{preset}")}, overrides=DEFAULT_SETS + overrides)
+    load = os.getloadavg()[0]
     e2e = end_to_end(settings, count)
     stages = standalone(settings, images)
     slowest = min(stages, key=stages.get)
     return {"images": count, **{f"e2e_{k}": v for k, v in e2e.items()}, **stages, "slowest": slowest,
-            "ratio": e2e["steady"] / stages[slowest], "ratio_wall": e2e["wall"] / stages[slowest]}
+            "ratio": e2e["steady"] / stages[slowest], "ratio_wall": e2e["wall"] / stages[slowest],
+            "busy": e2e[f"busy_{slowest}"], "load": f"{load:.0f}-{os.getloadavg()[0]:.0f}"}
 
 
 def print_table(rows: dict[str, dict]) -> None:
     head = (f"{'preset':<7}{'images':>7}{'e2e wall':>10}{'e2e steady':>12}{'colorizer':>11}{'col_up':>9}"
-            f"{'spat_up':>9}  {'slowest':<18}{'steady/slowest':>15}{'wall/slowest':>13}")
-    print("images/s on CPU; stages standalone in-process with the job's batch sizes and threads")
+            f"{'spat_up':>9}  {'slowest':<18}{'steady/slowest':>15}{'wall/slowest':>13}{'busy':>6}{'load':>9}")
+    print("images/s on CPU; stages standalone in-process with the job's batch sizes and threads; busy: share of the "
+          "end-to-end window in which the slowest stage's actor computed; load: 1-min load average before-after")
     print(head)
     for preset, r in rows.items():
         print(f"{preset:<7}{r['images']:>7}{r['e2e_wall']:>10.3f}{r['e2e_steady']:>12.3f}{r['colorizer']:>11.3f}"
               f"{r['color_upsampler']:>9.3f}{r['spatial_upsampler']:>9.3f}  {r['slowest']:<18}"
-              f"{r['ratio']:>15.2f}{r['ratio_wall']:>13.2f}")
+              f"{r['ratio']:>15.2f}{r['ratio_wall']:>13.2f}{r['busy']:>6.2f}{r['load']:>9}")
 
 
 def main(argv: list[str] | None = None) -> int:

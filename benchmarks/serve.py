@@ -1,7 +1,7 @@
 """Load test of the Serve app on loopback: 1 and 16 concurrent clients, the colorizer batched versus
 max_batch_size=1, in one run on a local Ray. Prints requests/s, p50/p99 latency and failures per setting.
 
-    python benchmarks/serve.py [--models DIR] [--batch 16] [--requests 2] [--num-cpus 2]
+    python benchmarks/serve.py [--models DIR] [--batch 16] [--rounds 2] [--requests 1] [--num-cpus 2]
 
 Defaults: untrained `test` preset models, resolution 256, a real photo from ../shared/data when present (else a
 synthetic gray image). Exits 1 if any request failed."""
@@ -93,24 +93,41 @@ def drive(url: str, body: bytes, clients: int, per_client: int) -> tuple[list[fl
     return latencies, failures[0], time.perf_counter() - t0
 
 
-def bench_setting(name: str, app_args: dict, url: str, body: bytes, loads: list[tuple[int, int]]) -> list[LoadResult]:
+def deploy(settings: dict[str, int], models: str) -> dict[str, object]:
+    """Both settings side by side (app `name` at /name), so rounds can alternate between them: on a shared
+    machine the load drifts, and alternating exposes both settings to the same drift."""
     from ray import serve
 
     from pipelines.serve import build_app
 
-    serve.run(build_app(app_args), name="coltran", route_prefix="/")
-    colorizer = serve.get_deployment_handle("Colorizer", app_name="coltran")
-    drive(url, body, 2, 1)  # warm-up: first calls pay for lazy initialisation
-    results = []
-    for clients, per_client in loads:
-        colorizer.reset_stats.remote().result()
-        latencies, failed, seconds = drive(url, body, clients, per_client)
-        stats = colorizer.stats.remote().result()
-        results.append(LoadResult(name, clients, clients * per_client, failed, seconds, latencies,
-                                  stats["batch_sizes"], stats["batch_seconds"]))
-        print(f"  {name}: {clients} client(s) done in {seconds:.1f} s", file=sys.stderr, flush=True)
-    serve.delete("coltran")
-    return results
+    handles = {}
+    for name, batch in settings.items():
+        app_args = {"models": models, "colorizer": {"max_batch_size": batch, "batch_wait_timeout_s": 0.05}}
+        serve.run(build_app(app_args), name=name, route_prefix=f"/{name}")
+        handles[name] = serve.get_deployment_handle("Colorizer", app_name=name)
+    return handles
+
+
+def run_rounds(url: str, body: bytes, handles: dict, loads: list[tuple[int, int]], rounds: int) -> list[LoadResult]:
+    for name in handles:
+        drive(f"{url}/{name}", body, 2, 1)  # warm-up: first calls pay for lazy initialisation
+    pooled: dict[tuple[str, int], LoadResult] = {}
+    for r in range(rounds):
+        for clients, per_client in loads:
+            for name in (list(handles) if r % 2 == 0 else list(handles)[::-1]):
+                handles[name].reset_stats.remote().result()
+                latencies, failed, seconds = drive(f"{url}/{name}", body, clients, per_client)
+                stats = handles[name].stats.remote().result()
+                res = pooled.setdefault((name, clients), LoadResult(name, clients, 0, 0, 0.0, [], [], []))
+                res.requests += clients * per_client
+                res.failed += failed
+                res.seconds += seconds
+                res.latencies += latencies
+                res.batch_sizes += stats["batch_sizes"]
+                res.batch_seconds += stats["batch_seconds"]
+                print(f"  round {r + 1}: {name}, {clients} client(s): {seconds:.1f} s, load "
+                      f"{os.getloadavg()[0]:.1f}", file=sys.stderr, flush=True)
+    return list(pooled.values())
 
 
 def print_table(results: list[LoadResult]) -> None:
@@ -121,7 +138,7 @@ def print_table(results: list[LoadResult]) -> None:
         per_request = sum(r.batch_seconds) / max(sum(r.batch_sizes), 1)
         print(f"{r.setting:<22} {r.clients:>7} {r.requests:>8} {r.failed:>6} {r.rps:>7.2f} {r.pct(50):>7.2f} "
               f"{r.pct(99):>7.2f} {mean_batch:>10.2f} {per_request:>15.2f}")
-    by = {(r.setting.split()[0], r.clients): r for r in results}
+    by = {(r.setting, r.clients): r for r in results}
     for clients in sorted({r.clients for r in results}):
         if ("batched", clients) in by and ("unbatched", clients) in by:
             ratio = by["batched", clients].rps / by["unbatched", clients].rps
@@ -132,8 +149,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", default=None, help="models directory (default: fresh untrained test preset)")
     parser.add_argument("--batch", type=int, default=16, help="the batched setting's max_batch_size")
-    parser.add_argument("--requests", type=int, default=2, help="requests per client at 16 clients")
-    parser.add_argument("--single-requests", type=int, default=4, help="requests of the single client")
+    parser.add_argument("--rounds", type=int, default=2, help="rounds, each running every load on both settings")
+    parser.add_argument("--requests", type=int, default=1, help="requests per client per round at 16 clients")
+    parser.add_argument("--single-requests", type=int, default=2, help="requests of the single client per round")
     parser.add_argument("--num-cpus", type=int, default=2)
     args = parser.parse_args(argv)
     import ray
@@ -145,24 +163,24 @@ def main(argv: list[str] | None = None) -> int:
     tmp = tempfile.TemporaryDirectory(prefix="coltran-bench-")
     models = args.models or str(init_models(Path(tmp.name) / "models", "test"))
     body = photo_bytes()
+    load_before = os.getloadavg()[0]
     ray.init(_node_ip_address="127.0.0.2", num_cpus=args.num_cpus, object_store_memory=300_000_000,
              include_dashboard=False)
     port = free_port()
-    loads = [(1, args.single_requests), (16, args.requests)]
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
-        url = f"http://127.0.0.1:{port}"
-        results = []
-        for name, batch in ((f"batched (max {args.batch})", args.batch), ("unbatched (max 1)", 1)):
-            app_args = {"models": models, "colorizer": {"max_batch_size": batch, "batch_wait_timeout_s": 0.05}}
-            results += bench_setting(name, app_args, url, body, loads)
+        handles = deploy({"batched": args.batch, "unbatched": 1}, models)
+        results = run_rounds(f"http://127.0.0.1:{port}", body, handles,
+                             [(1, args.single_requests), (16, args.requests)], args.rounds)
     finally:
         serve.shutdown()
         ray.shutdown()
         tmp.cleanup()
-    print(f"ColTran Serve benchmark: test preset, resolution 256, {len(body):,}-byte photo, "
-          f"{args.num_cpus} Ray CPUs, {os.cpu_count()} machine CPUs")
-    print_table(results)
+    print(f"ColTran Serve benchmark: test preset, resolution 256, {len(body):,}-byte photo, {args.rounds} rounds, "
+          f"batched = max_batch_size {args.batch}, unbatched = 1; {args.num_cpus} Ray CPUs on a "
+          f"{os.cpu_count()}-CPU machine, 1-min load average {load_before:.1f} before, "
+          f"{os.getloadavg()[0]:.1f} after")
+    print_table(sorted(results, key=lambda r: (r.clients, r.setting)))
     return 1 if any(r.failed for r in results) else 0
 
 
