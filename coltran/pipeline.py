@@ -70,8 +70,9 @@ class ColTranPipeline:
         if not path.is_dir():
             raise CheckpointError(f"models directory {path} does not exist")
         ckpts = {stage: load_checkpoint(path / stage, weights=weights, stage=stage) for stage in STAGE_NAMES}
-        info = {stage: {"step": c.step, "untrained": bool(c.meta.get("untrained")), **{
-            k: c.meta[k] for k in ("name", "version", "source") if k in c.meta}} for stage, c in ckpts.items()}
+        info = {stage: {"step": c.step, "untrained": bool(c.meta.get("untrained")), **{  # registry name/version
+            k.removeprefix("registered_"): c.meta[k] for k in ("registered_name", "registered_version", "source")
+            if k in c.meta}} for stage, c in ckpts.items()}
         return cls(*(ckpts[s].model for s in STAGE_NAMES), device=device, model_info=info, **kwargs)
 
     @property
