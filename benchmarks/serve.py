@@ -1,5 +1,7 @@
 """Load test of the Serve app on loopback: 1 and 16 concurrent clients, the colorizer batched versus
-max_batch_size=1, in one run on a local Ray. Prints requests/s, p50/p99 latency and failures per setting.
+max_batch_size=1, in one run on a local Ray. Prints requests/s, p50/p99 latency and failures per setting, the
+colorizer's mean batch, and the CPU seconds all Ray processes spent per request (on a machine shared with other
+work, wall-clock throughput follows their load; CPU time per request much less so).
 
     python benchmarks/serve.py [--models DIR] [--batch 16] [--rounds 2] [--requests 1] [--num-cpus 2]
 
@@ -11,16 +13,18 @@ from __future__ import annotations
 import argparse
 import io
 import os
+import re
 import socket
 import statistics
 import sys
 import tempfile
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import psutil
 import requests
 from PIL import Image
 
@@ -37,6 +41,11 @@ class LoadResult:
     latencies: list[float]
     batch_sizes: list[int]
     batch_seconds: list[float]  # the colorizer's time in each sampling pass
+    cpu: dict[str, float] = field(default_factory=dict)  # CPU seconds of Ray processes during the load, by role
+
+    @property
+    def cpu_seconds(self) -> float:
+        return sum(self.cpu.values())
 
     @property
     def rps(self) -> float:
@@ -59,6 +68,28 @@ def photo_bytes() -> bytes:
     buf = io.BytesIO()
     Image.fromarray(((x * 3 + y * 5) % 256).astype(np.uint8), "L").save(buf, format="JPEG")
     return buf.getvalue()
+
+
+def ray_cpu_seconds() -> dict[int, tuple[str, float]]:
+    """pid -> (deployment or 'other', user + system CPU seconds) of every process this driver's local Ray
+    started (all are its descendants; Ray titles a replica's process ray::ServeReplica:<app>:<deployment>)."""
+    times = {}
+    for proc in psutil.Process().children(recursive=True):
+        try:
+            cpu = proc.cpu_times()
+            title = " ".join(proc.cmdline())
+        except psutil.Error:
+            continue
+        found = re.search(r"ServeReplica:[^:\s]+:(\w+)", title)
+        times[proc.pid] = (found.group(1) if found else "other", cpu.user + cpu.system)
+    return times
+
+
+def cpu_spent(before: dict, after: dict) -> dict[str, float]:
+    spent: dict[str, float] = {}
+    for pid, (label, seconds) in after.items():
+        spent[label] = spent.get(label, 0.0) + seconds - before.get(pid, (label, 0.0))[1]
+    return spent
 
 
 def drive(url: str, body: bytes, clients: int, per_client: int) -> tuple[list[float], int, float]:
@@ -116,7 +147,9 @@ def run_rounds(url: str, body: bytes, handles: dict, loads: list[tuple[int, int]
         for clients, per_client in loads:
             for name in (list(handles) if r % 2 == 0 else list(handles)[::-1]):
                 handles[name].reset_stats.remote().result()
+                cpu_before = ray_cpu_seconds()
                 latencies, failed, seconds = drive(f"{url}/{name}", body, clients, per_client)
+                cpu_after = ray_cpu_seconds()
                 stats = handles[name].stats.remote().result()
                 res = pooled.setdefault((name, clients), LoadResult(name, clients, 0, 0, 0.0, [], [], []))
                 res.requests += clients * per_client
@@ -125,6 +158,8 @@ def run_rounds(url: str, body: bytes, handles: dict, loads: list[tuple[int, int]
                 res.latencies += latencies
                 res.batch_sizes += stats["batch_sizes"]
                 res.batch_seconds += stats["batch_seconds"]
+                for label, seconds in cpu_spent(cpu_before, cpu_after).items():
+                    res.cpu[label] = res.cpu.get(label, 0.0) + seconds
                 print(f"  round {r + 1}: {name}, {clients} client(s): {seconds:.1f} s, load "
                       f"{os.getloadavg()[0]:.1f}", file=sys.stderr, flush=True)
     return list(pooled.values())
@@ -132,17 +167,25 @@ def run_rounds(url: str, body: bytes, handles: dict, loads: list[tuple[int, int]
 
 def print_table(results: list[LoadResult]) -> None:
     print(f"{'setting':<22} {'clients':>7} {'requests':>8} {'failed':>6} {'req/s':>7} {'p50 s':>7} {'p99 s':>7} "
-          f"{'mean batch':>10} {'colorizer s/req':>15}")
+          f"{'mean batch':>10} {'colorizer s/req':>15} {'CPU s/req':>9}")
     for r in results:
         mean_batch = statistics.mean(r.batch_sizes) if r.batch_sizes else float("nan")
         per_request = sum(r.batch_seconds) / max(sum(r.batch_sizes), 1)
         print(f"{r.setting:<22} {r.clients:>7} {r.requests:>8} {r.failed:>6} {r.rps:>7.2f} {r.pct(50):>7.2f} "
-              f"{r.pct(99):>7.2f} {mean_batch:>10.2f} {per_request:>15.2f}")
+              f"{r.pct(99):>7.2f} {mean_batch:>10.2f} {per_request:>15.2f} {r.cpu_seconds / r.requests:>9.2f}")
+    roles = ["Ingress", "Colorizer", "ColorUpsampler", "SpatialUpsampler", "other"]
+    print("\nCPU seconds per request by process (other: proxy, controller, idle workers)")
+    print(f"{'setting':<22} {'clients':>7} " + " ".join(f"{role:>16}" for role in roles))
+    for r in results:
+        print(f"{r.setting:<22} {r.clients:>7} " + " ".join(f"{r.cpu.get(role, 0.0) / r.requests:>16.2f}"
+                                                           for role in roles))
     by = {(r.setting, r.clients): r for r in results}
     for clients in sorted({r.clients for r in results}):
         if ("batched", clients) in by and ("unbatched", clients) in by:
-            ratio = by["batched", clients].rps / by["unbatched", clients].rps
-            print(f"throughput batched / unbatched at {clients} client(s): {ratio:.2f}x")
+            batched, unbatched = by["batched", clients], by["unbatched", clients]
+            cpu_ratio = (unbatched.cpu_seconds / unbatched.requests) / (batched.cpu_seconds / batched.requests)
+            print(f"{clients} client(s): throughput batched / unbatched {batched.rps / unbatched.rps:.2f}x; "
+                  f"CPU time per request unbatched / batched {cpu_ratio:.2f}x")
 
 
 def main(argv: list[str] | None = None) -> int:

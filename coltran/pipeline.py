@@ -48,32 +48,62 @@ class ColorizedImage:
 
 
 class ColTranPipeline:
-    def __init__(self, colorizer, color_upsampler, spatial_upsampler, *, device: str | torch.device | None = None,
-                 model_info: dict | None = None, upsampler_batch_size: int = 4):
+    """The three stages chained. A stage may be None: batch actors and Serve replicas hold one stage each and
+    call only its step (`for_stage`, `from_models(..., stages=...)`); a step whose model is absent says so."""
+
+    def __init__(self, colorizer=None, color_upsampler=None, spatial_upsampler=None, *,
+                 device: str | torch.device | None = None, model_info: dict | None = None,
+                 upsampler_batch_size: int = 4):
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        self.colorizer = colorizer.to(self.device).eval()
-        self.color_upsampler = color_upsampler.to(self.device).eval()
-        self.spatial_upsampler = spatial_upsampler.to(self.device).eval()
+        models = {"colorizer": colorizer, "color_upsampler": color_upsampler, "spatial_upsampler": spatial_upsampler}
+        for stage, model in models.items():
+            setattr(self, stage, None if model is None else model.to(self.device).eval())
         self.model_info = model_info or {}
         self.upsampler_batch_size = upsampler_batch_size
-        h, w = colorizer.config.resolution
-        if (h, w) != tuple(color_upsampler.config.resolution) or 4 * h != spatial_upsampler.config.resolution[0]:
-            raise ValueError("stage resolutions do not chain: colorizer "
-                             f"{colorizer.config.resolution}, colour upsampler {color_upsampler.config.resolution}, "
-                             f"spatial upsampler {spatial_upsampler.config.resolution}")
+        sides = {stage: tuple(m.config.resolution) for stage, m in models.items() if m is not None}
+        low = {side for stage, side in sides.items() if stage != "spatial_upsampler"}
+        if len(low) > 1 or (low and "spatial_upsampler" in sides
+                            and sides["spatial_upsampler"][0] != 4 * next(iter(low))[0]):
+            raise ValueError(f"stage resolutions do not chain: {sides}")
 
     @classmethod
     def from_models(cls, path: str | Path, *, device: str | torch.device | None = None, weights: str = "ema",
-                    **kwargs) -> ColTranPipeline:
-        """Load a models directory: path/colorizer, path/color_upsampler, path/spatial_upsampler."""
+                    stages: Sequence[str] = STAGE_NAMES, **kwargs) -> ColTranPipeline:
+        """Load a models directory (path/colorizer, path/color_upsampler, path/spatial_upsampler), or only
+        `stages` of it."""
         path = Path(path)
         if not path.is_dir():
             raise CheckpointError(f"models directory {path} does not exist")
-        ckpts = {stage: load_checkpoint(path / stage, weights=weights, stage=stage) for stage in STAGE_NAMES}
-        info = {stage: {"step": c.step, "untrained": bool(c.meta.get("untrained")), **{  # registry name/version
-            k.removeprefix("registered_"): c.meta[k] for k in ("registered_name", "registered_version", "source")
-            if k in c.meta}} for stage, c in ckpts.items()}
-        return cls(*(ckpts[s].model for s in STAGE_NAMES), device=device, model_info=info, **kwargs)
+        return cls._from_checkpoints({stage: path / stage for stage in stages}, device, weights, **kwargs)
+
+    @classmethod
+    def for_stage(cls, stage: str, checkpoint_dir: str | Path, *, device: str | torch.device | None = None,
+                  weights: str = "ema", **kwargs) -> ColTranPipeline:
+        """One stage from its own checkpoint directory (what a batch actor or a Serve replica holds)."""
+        return cls._from_checkpoints({stage: Path(checkpoint_dir)}, device, weights, **kwargs)
+
+    @classmethod
+    def _from_checkpoints(cls, dirs: dict[str, Path], device, weights: str, **kwargs) -> ColTranPipeline:
+        unknown = set(dirs) - set(STAGE_NAMES)
+        if unknown or not dirs:
+            raise ValueError(f"stages must be a non-empty subset of {STAGE_NAMES}, got {sorted(dirs)}")
+        ckpts = {stage: load_checkpoint(d, weights=weights, stage=stage) for stage, d in dirs.items()}
+        info = {}
+        for stage, ckpt in ckpts.items():  # the registry's name/version when resolved from MLflow
+            info[stage] = {"step": ckpt.step, "untrained": bool(ckpt.meta.get("untrained")),
+                           "source": str(ckpt.meta.get("source", dirs[stage])),
+                           **{k.removeprefix("registered_"): str(ckpt.meta[k])
+                              for k in ("registered_name", "registered_version") if k in ckpt.meta}}
+        pipe = cls(**{stage: ckpt.model for stage, ckpt in ckpts.items()}, device=device, model_info=info, **kwargs)
+        for stage_info in info.values():
+            stage_info["device"] = str(pipe.device)
+        return pipe
+
+    def _model(self, stage: str) -> torch.nn.Module:
+        model = getattr(self, stage)
+        if model is None:
+            raise RuntimeError(f"this pipeline was loaded without the {stage} stage")
+        return model
 
     @property
     def untrained(self) -> bool:
@@ -96,7 +126,7 @@ class ColTranPipeline:
         """gray (B, 64, 64) uint8 -> 3-bit colours (B * num_samples, 64, 64, 3) uint8, image-major."""
         gray = torch.as_tensor(np.asarray(gray_64), device=self.device)
         with self._autocast():
-            out = sample_colorizer(self.colorizer, gray, num_samples=num_samples, mode=mode,
+            out = sample_colorizer(self._model("colorizer"), gray, num_samples=num_samples, mode=mode,
                                    temperature=temperature, seeds=list(seeds), official_row_cln=official_row_cln)
         return out.colors3.cpu().numpy()
 
@@ -104,13 +134,13 @@ class ColTranPipeline:
     @torch.no_grad()
     def upsample_colors(self, gray_64: np.ndarray, colors3: np.ndarray) -> np.ndarray:
         """gray (N, 64, 64), 3-bit colours (N, 64, 64, 3) -> 8-bit colours (N, 64, 64, 3) uint8."""
-        return self._predict(self.color_upsampler, gray_64, colors3)
+        return self._predict(self._model("color_upsampler"), gray_64, colors3)
 
     # 4.
     @torch.no_grad()
     def upsample_spatial(self, gray_256: np.ndarray, rgb_64: np.ndarray) -> np.ndarray:
         """gray (N, 256, 256), colours (N, 64, 64, 3) -> (N, 256, 256, 3) uint8."""
-        return self._predict(self.spatial_upsampler, gray_256, upsample_4x(np.asarray(rgb_64)))
+        return self._predict(self._model("spatial_upsampler"), gray_256, upsample_4x(np.asarray(rgb_64)))
 
     def _predict(self, model, gray: np.ndarray, tokens: np.ndarray) -> np.ndarray:
         outs = []

@@ -12,7 +12,6 @@ import numpy as np
 import pyarrow.fs as pafs
 import torch
 
-from coltran.checkpoint import load_checkpoint
 from coltran.imageio import ImageDecodeError, decode_image, encode_image
 from coltran.inputs import prepare_image
 from coltran.pipeline import ColTranPipeline
@@ -111,19 +110,6 @@ def prepare_batch(batch: dict[str, np.ndarray], *, ctx: JobContext) -> dict[str,
     return _columns(rows, with_bytes=ctx.resolution == "full")
 
 
-class StagePipeline(ColTranPipeline):
-    """ColTranPipeline holding one stage's model only, so an actor loads one checkpoint: its numbered step methods
-    run unchanged. (Stands in for a single-stage constructor on ColTranPipeline itself, which would also replace
-    serve_stages.StageSteps.)"""
-
-    def __init__(self, stage: str, model: torch.nn.Module, device: str, micro_batch: int):
-        self.device = torch.device(device)
-        self.colorizer = self.color_upsampler = self.spatial_upsampler = None
-        setattr(self, stage, model.to(self.device).eval())
-        self.model_info = {}
-        self.upsampler_batch_size = micro_batch
-
-
 class StageActor:
     """Base of the per-stage actors: load `checkpoint` (a directory or models:/<name>/<version>) once."""
 
@@ -137,8 +123,8 @@ class StageActor:
             from pipelines.tracking import resolve_models
 
             checkpoint = str(resolve_models(checkpoint, tracking_uri=tracking_uri))
-        ckpt = load_checkpoint(checkpoint, weights=weights, stage=self.STAGE)
-        self.pipe = StagePipeline(self.STAGE, ckpt.model, device, micro_batch)
+        self.pipe = ColTranPipeline.for_stage(self.STAGE, checkpoint, device=device, weights=weights,
+                                              upsampler_batch_size=micro_batch)
         self.step_kwargs = step_kwargs or {}
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

@@ -13,13 +13,10 @@ from pathlib import Path
 import numpy as np
 from ray import serve
 
-from coltran.checkpoint import load_checkpoint
 from coltran.configs import STAGE_NAMES
 from coltran.pipeline import ColTranPipeline
 
 UPSAMPLER_STEPS = {"color_upsampler": "upsample_colors", "spatial_upsampler": "upsample_spatial"}
-_STAGE_ATTRS = {"colorizer": "colorizer", "color_upsampler": "color_upsampler",
-                "spatial_upsampler": "spatial_upsampler"}
 
 
 def stage_checkpoint_dir(models: str | dict, stage: str, tracking_uri: str | None = None) -> Path:
@@ -40,26 +37,6 @@ def stage_checkpoint_dir(models: str | dict, stage: str, tracking_uri: str | Non
     return path if isinstance(models, dict) else path / stage
 
 
-class StageSteps(ColTranPipeline):
-    """The `ColTranPipeline` steps of one stage, holding only that stage's model (a replica of one deployment
-    must not load the other two). Steps of the other stages raise AttributeError."""
-
-    def __init__(self, stage: str, checkpoint_dir: str | Path, device: str | None = None, weights: str = "ema",
-                 upsampler_batch_size: int = 4):
-        import torch
-
-        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        ckpt = load_checkpoint(checkpoint_dir, weights=weights, stage=stage, device=self.device)
-        setattr(self, _STAGE_ATTRS[stage], ckpt.model.eval())
-        self.stage = stage
-        self.upsampler_batch_size = upsampler_batch_size
-        info = {"step": ckpt.step, "untrained": bool(ckpt.meta.get("untrained")), "device": str(self.device),
-                "source": str(ckpt.meta.get("source", checkpoint_dir))}
-        if "registered_name" in ckpt.meta:  # resolved from the MLflow registry: which registered version
-            info.update(name=ckpt.meta["registered_name"], version=str(ckpt.meta.get("registered_version")))
-        self.model_info = {stage: info}
-
-
 @dataclass
 class ColorizeCall:
     gray_64: np.ndarray  # (64, 64) uint8
@@ -69,7 +46,7 @@ class ColorizeCall:
     mode: str
 
 
-def run_colorize_calls(steps: StageSteps, calls: list[ColorizeCall]) -> list[np.ndarray]:
+def run_colorize_calls(steps: ColTranPipeline, calls: list[ColorizeCall]) -> list[np.ndarray]:
     """One colorizer pass per group of calls sharing (num_samples, temperature, mode): (S, 64, 64, 3) each.
 
     Every image draws from its own seeded stream, so an image's colouring does not depend on its batch."""
@@ -93,7 +70,8 @@ class Colorizer:
 
     def __init__(self, models: str | dict, max_batch_size: int = 8, batch_wait_timeout_s: float = 0.05,
                  device: str | None = None, tracking_uri: str | None = None):
-        self.steps = StageSteps("colorizer", stage_checkpoint_dir(models, "colorizer", tracking_uri), device)
+        self.steps = ColTranPipeline.for_stage("colorizer", stage_checkpoint_dir(models, "colorizer", tracking_uri),
+                                                device=device)
         self.colorize_batch.set_max_batch_size(int(max_batch_size))
         self.colorize_batch.set_batch_wait_timeout_s(float(batch_wait_timeout_s))
         self.max_batch_size = int(max_batch_size)
@@ -137,8 +115,8 @@ class Upsampler:
                  device: str | None = None, tracking_uri: str | None = None):
         if stage not in UPSAMPLER_STEPS:
             raise ValueError(f"Upsampler stage must be one of {sorted(UPSAMPLER_STEPS)}, got {stage!r}")
-        self.steps = StageSteps(stage, stage_checkpoint_dir(models, stage, tracking_uri), device,
-                                upsampler_batch_size=int(max_batch_size))
+        self.steps = ColTranPipeline.for_stage(stage, stage_checkpoint_dir(models, stage, tracking_uri),
+                                               device=device, upsampler_batch_size=int(max_batch_size))
         self.step = getattr(self.steps, UPSAMPLER_STEPS[stage])
         self.upsample_batch.set_max_batch_size(int(max_batch_size))
         self.upsample_batch.set_batch_wait_timeout_s(float(batch_wait_timeout_s))

@@ -200,8 +200,10 @@ def _download(client: MlflowClient, name: str, version: str, target: Path, track
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.dl-", dir=target.parent))
     try:
-        model_dir = Path(mlflow.artifacts.download_artifacts(f"models:/{name}/{version}", dst_path=str(tmp),
-                                                             tracking_uri=tracking_uri, registry_uri=tracking_uri))
+        # Not download_artifacts("models:/..."): MLflow resolves that URI against the process-global registry
+        # URI (ignoring registry_uri), which breaks when a Ray worker inherited another server's settings.
+        location = client.get_model_version_download_uri(name, version)
+        model_dir = Path(mlflow.artifacts.download_artifacts(location, dst_path=str(tmp), tracking_uri=tracking_uri))
         flavor = yaml.safe_load((model_dir / "MLmodel").read_text())["flavors"]["python_function"]
         ckpt = model_dir / flavor["artifacts"]["checkpoint"]["path"]
         meta = json.loads((ckpt / "meta.json").read_text())

@@ -107,6 +107,25 @@ def test_models_directory_errors(tmp_path, models_dir):
     assert pipe.untrained and all(info["untrained"] for info in pipe.model_info.values())
 
 
+def test_single_stage_pipelines_run_their_step_like_the_full_one(tmp_path, models_dir, pipe):
+    """What a batch actor or a Serve replica holds: one stage, whose step equals the full pipeline's."""
+    gray = np.random.default_rng(0).integers(0, 256, (2, 64, 64), dtype=np.uint8)
+    colors3 = pipe.colorize(gray, seeds=[1, 2], mode="argmax")
+    colorizer = ColTranPipeline.for_stage("colorizer", models_dir / "colorizer", device="cpu")
+    assert colorizer.color_upsampler is None and colorizer.spatial_upsampler is None
+    assert np.array_equal(colorizer.colorize(gray, seeds=[1, 2], mode="argmax"), colors3)
+    assert colorizer.model_info["colorizer"]["source"] == "init-models" and colorizer.model_info["colorizer"]["step"] == 0
+    with pytest.raises(RuntimeError, match="without the color_upsampler stage"):
+        colorizer.upsample_colors(gray, colors3)
+    upsamplers = ColTranPipeline.from_models(models_dir, stages=["color_upsampler"], device="cpu")
+    assert upsamplers.colorizer is None and set(upsamplers.model_info) == {"color_upsampler"}
+    assert np.array_equal(upsamplers.upsample_colors(gray, colors3), pipe.upsample_colors(gray, colors3))
+    with pytest.raises(CheckpointError, match="holds a colorizer checkpoint, expected spatial_upsampler"):  # a colorizer checkpoint is not a spatial upsampler
+        ColTranPipeline.for_stage("spatial_upsampler", models_dir / "colorizer")
+    with pytest.raises(ValueError, match="subset"):
+        ColTranPipeline.from_models(models_dir, stages=["decoder"])
+
+
 @needs_data
 def test_cli_init_models_and_colorize_files(tmp_path, capsys):
     assert main(["init-models", str(tmp_path / "m"), "--preset", "test"]) == 0

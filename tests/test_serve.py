@@ -210,7 +210,8 @@ def test_app_args_are_checked_strictly(models_dir):
 
 def test_models_from_the_mlflow_registry(mlflow_server, models_dir, tmp_path, monkeypatch):
     """`models:/@<alias>` and per-stage `models:/<name>@<alias>` resolve to each stage's own checkpoint."""
-    from pipelines.serve_stages import StageSteps, stage_checkpoint_dir
+    from coltran.pipeline import ColTranPipeline
+    from pipelines.serve_stages import stage_checkpoint_dir
     from pipelines.tracking import register_stage
     from pipelines.train import config as train_config
     from pipelines.train.config import REGISTERED_NAMES
@@ -226,6 +227,6 @@ def test_models_from_the_mlflow_registry(mlflow_server, models_dir, tmp_path, mo
     for stage in REGISTERED_NAMES:
         for models in (per_stage, "models:/@production"):
             path = stage_checkpoint_dir(models, stage, tracking_uri=mlflow_server.uri)
-            steps = StageSteps(stage, path, device="cpu")
+            steps = ColTranPipeline.for_stage(stage, path, device="cpu")
             assert steps.model_info[stage]["name"] == f"serve-{REGISTERED_NAMES[stage]}"
             assert steps.model_info[stage]["version"] == "1"

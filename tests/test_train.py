@@ -42,11 +42,12 @@ pytestmark = pytest.mark.timeout(1800)
 
 IMAGES = Path(__file__).resolve().parents[2] / "shared" / "data" / "imagenet-sample-500"
 STAGES = ("colorizer", "color_upsampler", "spatial_upsampler")
-NAMES = {"colorizer": "coltran-colorizer", "color_upsampler": "coltran-color-upsampler",
-         "spatial_upsampler": "coltran-spatial-upsampler"}
+# own registered names: other test modules register the default names on the same session MLflow server
+NAMES = {"colorizer": "pools-colorizer", "color_upsampler": "pools-color-upsampler",
+         "spatial_upsampler": "pools-spatial-upsampler"}
 RUN = "pools-run"
 # stage: (workers, global batch, steps, checkpoint every) -- the colour upsampler runs DDP on 2 workers
-PLAN = {"colorizer": (1, 4, 16, 8), "color_upsampler": (2, 4, 16, 4), "spatial_upsampler": (1, 2, 12, 4)}
+PLAN = {"colorizer": (1, 4, 16, 8), "color_upsampler": (2, 4, 16, 4), "spatial_upsampler": (1, 2, 24, 8)}
 LR = {"colorizer": 3e-3, "color_upsampler": 3e-3, "spatial_upsampler": 5e-3}  # overfit a few images fast
 KILL_STEP = 6  # rank 0 of the colour upsampler dies here on its first attempt; it resumes from step 4
 LOG_EVERY = 2
@@ -98,7 +99,8 @@ def submission(ray_pool_cluster, mlflow_server, tmp_path_factory) -> Submission:
         shutil.copy(path, source / path.name)
     job = {"run_name": RUN, "storage_path": str(root / "runs"), "dataset": str(root / "data"),
            "models_dir": str(root / "models"),
-           "mlflow": {"tracking_uri": mlflow_server.uri, "experiment": "train-test", "alias": "candidate"},
+           "mlflow": {"tracking_uri": mlflow_server.uri, "experiment": "train-test", "alias": "candidate",
+                      "registered_models": NAMES},
            "stages": {stage: _stage(stage) for stage in STAGES}}
     job_file = root / "train.yaml"
     job_file.write_text(yaml.safe_dump(job, sort_keys=False))
@@ -142,8 +144,10 @@ def test_stages_ran_concurrently_each_on_its_own_pool(submission, mlflow_server,
         assert len(nodes) == PLAN[stage][0]
         assert {n["node_id"] for n in nodes} == {ray_pool_cluster.node_ids[stage]}
         assert all(n["labels"]["pool"] == stage for n in nodes)
-        times = [value for _, value in _history(client, run, "wallclock_s")]
-        windows[stage] = (min(times), max(times))
+        # from the (last) attempt's worker start to the end of its step loop: the pools were held at once
+        tags = run.data.tags
+        windows[stage] = (float(tags["coltran.attempt_started_at"]), float(tags["coltran.train_finished_at"]))
+        assert windows[stage][1] >= max(value for _, value in _history(client, run, "wallclock_s")) - 1e-3
     latest_start = max(start for start, _ in windows.values())
     earliest_end = min(end for _, end in windows.values())
     assert latest_start < earliest_end, f"training windows do not overlap: {windows}"
@@ -203,7 +207,7 @@ def test_mlflow_holds_params_metrics_images_and_config(submission, mlflow_server
     assert parent.data.params["mlflow.alias"] == "candidate"
     assert parent.info.status == "FINISHED"
     resolved = client.download_artifacts(parent.info.run_id, "config/job_resolved.yaml", str(submission.root))
-    assert yaml.safe_load(Path(resolved).read_text())["stages"]["spatial_upsampler"]["train"]["max_steps"] == 12
+    assert yaml.safe_load(Path(resolved).read_text())["stages"]["spatial_upsampler"]["train"]["max_steps"] == PLAN["spatial_upsampler"][2]
     for stage, run in runs.items():
         assert run.data.params["model_config.hidden_size"] == "32"
         assert run.data.params["train.batch_size"] == str(PLAN[stage][1])
@@ -224,7 +228,8 @@ def test_registered_models_resolve_load_and_colorize(submission, mlflow_server, 
     client = mlflow_server.client()
     for stage in STAGES:
         assert client.get_model_version_by_alias(NAMES[stage], "candidate").version
-    models = resolve_models("models:/@candidate", dest=tmp_path / "models", tracking_uri=mlflow_server.uri)
+    models = resolve_models("models:/@candidate", dest=tmp_path / "models", tracking_uri=mlflow_server.uri,
+                            names=NAMES)
     one = resolve_models(f"models:/{NAMES['colorizer']}@candidate", dest=tmp_path / "one",
                          tracking_uri=mlflow_server.uri)
     ckpt = load_checkpoint(one, stage="colorizer")
