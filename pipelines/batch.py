@@ -55,13 +55,14 @@ class BatchSummary:
         return 1 if self.counts["failed"] else 0
 
 
-def resolve_stage_models(spec: str) -> dict[str, StageModel]:
+def resolve_stage_models(spec: str, tracking_uri: str | None = None) -> dict[str, StageModel]:
     """Each stage's checkpoint (only its meta.json is read here). `models:/@alias` is resolved once on the driver
-    and pinned to versions, so every actor loads the same versions even if the alias moves during the run."""
+    (against `tracking_uri`, default MLflow's current one) and pinned to versions, so every actor loads the same
+    versions even if the alias moves during the run."""
     if spec.startswith("models:/"):
         from pipelines.tracking import resolve_models
 
-        root = resolve_models(spec)
+        root = resolve_models(spec, tracking_uri=tracking_uri)
     else:
         root = Path(spec).expanduser().resolve()
     models = {}

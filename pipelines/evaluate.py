@@ -20,6 +20,7 @@ import sys
 import time
 from pathlib import Path
 
+import mlflow
 import numpy as np
 import ray
 
@@ -33,11 +34,11 @@ from pipelines.evaluate_settings import EvalSettings, load_settings
 from pipelines.evaluate_stages import BitsPerDimActor, InceptionActor
 
 
-def _steps(models) -> dict[str, int]:
+def _steps(models, registry: str) -> dict[str, int]:
     """Training step of each stage's checkpoint (its meta.json; models:/ refs are already in the local cache)."""
     from pipelines.tracking import resolve_models
 
-    return {stage: int(json.loads((resolve_models(m.ref) / "meta.json").read_text()).get("step", 0))
+    return {stage: int(json.loads((resolve_models(m.ref, tracking_uri=registry) / "meta.json").read_text()).get("step", 0))
             for stage, m in models.items()}
 
 
@@ -92,18 +93,19 @@ def _reference_stats(settings: EvalSettings, rows, found: dict, device: str):
     return stats, cached, len(colour), key
 
 
-def _evaluated_rows(settings: EvalSettings, rows, models, device: str, grid_keys: frozenset[str]):
+def _evaluated_rows(settings: EvalSettings, rows, models, device: str, grid_keys: frozenset[str],
+                    registry: str):
     refs = {stage: models[stage].ref for stage in STAGE_NAMES}
     if settings.bits_per_dim:
         rows = _pool(rows, BitsPerDimActor, settings.bits, checkpoints=refs, device=device,
-                     weights=settings.weights, num_threads=settings.bits.num_threads)
+                     weights=settings.weights, num_threads=settings.bits.num_threads, tracking_uri=registry)
     step_kwargs = {"colorizer": {"num_samples": settings.num_samples, "temperature": settings.temperature,
                                  "mode": settings.mode}}
     for stage in STAGE_NAMES:
         spec = getattr(settings, stage)
         rows = _pool(rows, STAGE_ACTORS[stage], spec, checkpoint=refs[stage], device=device,
                      weights=settings.weights, num_threads=spec.num_threads, micro_batch=spec.micro_batch,
-                     step_kwargs=step_kwargs.get(stage))
+                     step_kwargs=step_kwargs.get(stage), tracking_uri=registry)
     spec = settings.inception
     return _collect(_pool(rows, InceptionActor, spec, device=device, batch_size=spec.micro_batch,
                           num_threads=spec.num_threads, role="eval", grid_keys=grid_keys))
@@ -140,7 +142,8 @@ def run_evaluation(settings: EvalSettings, *, ray_address: str | None = None) ->
     """Evaluate, write the report to settings.out, log it to MLflow (unless disabled); return the result."""
     started = time.monotonic()
     inception_path()  # fail fast, naming `pip install coltran[eval]`, before any image is read
-    models = resolve_stage_models(settings.models)
+    registry = settings.tracking.tracking_uri or mlflow.get_tracking_uri()  # the actors resolve against it too
+    models = resolve_stage_models(settings.models, tracking_uri=registry)
     if not ray.is_initialized():
         ray.init(address=ray_address)
     device = _device(settings.device)
@@ -153,12 +156,12 @@ def run_evaluation(settings: EvalSettings, *, ray_address: str | None = None) ->
     _check_disjoint(found, ref_found)
     ref_stats, cached, ref_colour, ref_key = _reference_stats(settings, ref_rows, ref_found, device)
     grid_keys = [c.key for c in evaluated if c.key in found][: settings.grid_images]
-    rows = _evaluated_rows(settings, eval_rows, models, device, frozenset(grid_keys))
+    rows = _evaluated_rows(settings, eval_rows, models, device, frozenset(grid_keys), registry)
     result = EvalResult(
         metrics=_metrics(rows, ref_stats, settings),
         counts={"evaluated": len(rows), "colour": sum(not r["was_grayscale"] for r in rows.values()),
                 "reference": len(ref_found), "reference_colour": ref_colour, "num_samples": settings.num_samples},
-        models={s: m.label for s, m in models.items()}, steps=_steps(models),
+        models={s: m.label for s, m in models.items()}, steps=_steps(models, registry),
         untrained=any(m.untrained for m in models.values()),
         grayscale_keys=sorted(k for k, r in rows.items() if r["was_grayscale"]),
         missing=sorted({c.key for c in evaluated} - set(found)) + sorted({c.key for c in reference} - set(ref_found)),

@@ -20,22 +20,23 @@ from pipelines.batch_stages import objects
 IMAGE_COLUMNS = ("gray_64", "gray_256", "rgb_64", "rgb_256", "truth_256", "colors3")
 
 
-def _local_checkpoint(ref: str) -> str:
+def _local_checkpoint(ref: str, tracking_uri: str | None) -> str:
     if ref.startswith("models:/"):
         from pipelines.tracking import resolve_models
 
-        return str(resolve_models(ref))
+        return str(resolve_models(ref, tracking_uri=tracking_uri))
     return ref
 
 
 class BitsPerDimActor:
     """Held-out bits/dim of every stage per image (model.loss with random_channel=False: all channels)."""
 
-    def __init__(self, checkpoints: dict[str, str], device: str, weights: str, num_threads: int):
+    def __init__(self, checkpoints: dict[str, str], device: str, weights: str, num_threads: int,
+                 tracking_uri: str | None = None):
         if device == "cpu":
             torch.set_num_threads(num_threads)
         self.device = torch.device(device)
-        self.models = {stage: load_checkpoint(_local_checkpoint(checkpoints[stage]), weights=weights, stage=stage,
+        self.models = {stage: load_checkpoint(_local_checkpoint(checkpoints[stage], tracking_uri), weights=weights, stage=stage,
                                               device=self.device).model for stage in STAGE_NAMES}
 
     @torch.no_grad()

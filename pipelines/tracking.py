@@ -5,6 +5,7 @@ its coltran checkpoint directory, and `resolve_models` turning a directory or `m
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -32,6 +33,7 @@ RUN_NAME_TAG, KIND_TAG, STAGE_TAG = "coltran.run_name", "coltran.kind", "coltran
 PARENT_TAG = "mlflow.parentRunId"
 PYFUNC_FILE = Path(__file__).with_name("coltran_pyfunc.py")
 CACHE_ENV = "COLTRAN_MODEL_CACHE"
+TRACKING_ENV = "MLFLOW_TRACKING_URI"
 _FLUENT_LOCK = threading.Lock()  # mlflow.pyfunc.log_model uses the process-global fluent run state
 
 
@@ -119,6 +121,28 @@ def stage_signature(config: ModelConfig) -> ModelSignature:
                           outputs=Schema([TensorSpec(u8, (-1, *out_shape), out_name)]))
 
 
+@contextlib.contextmanager
+def _fluent_tracking_uri(uri: str | None):
+    """`uri` for MLflow's fluent API inside the block only. mlflow.set_tracking_uri is process-global and also
+    writes MLFLOW_TRACKING_URI into os.environ (so Ray workers started later would inherit it); both are put
+    back afterwards. (MLflow's `_use_tracking_uri` would unset a variable the user had set.)"""
+    if not uri:
+        yield
+        return
+    from mlflow.tracking._tracking_service import utils as tracking_utils  # the global, pinned mlflow version
+
+    saved, saved_env = tracking_utils._tracking_uri, os.environ.get(TRACKING_ENV)
+    mlflow.set_tracking_uri(uri)
+    try:
+        yield
+    finally:
+        mlflow.set_tracking_uri(saved)
+        if saved_env is None:
+            os.environ.pop(TRACKING_ENV, None)
+        else:
+            os.environ[TRACKING_ENV] = saved_env
+
+
 def register_stage(checkpoint_dir: str | Path, *, run_id: str, name: str, alias: str | None = "candidate",
                    tracking_uri: str | None = None) -> str:
     """Log `checkpoint_dir` (a coltran checkpoint) as a pyfunc model in run `run_id`, register it as `name`
@@ -127,9 +151,7 @@ def register_stage(checkpoint_dir: str | Path, *, run_id: str, name: str, alias:
     config = load_config(checkpoint_dir / "config.yaml")
     requirements = [f"torch=={torch.__version__.split('+')[0]}", "numpy", "safetensors", "pyyaml", "pillow",
                     f"mlflow=={mlflow.__version__}"]
-    with _FLUENT_LOCK:
-        if tracking_uri:
-            mlflow.set_tracking_uri(tracking_uri)
+    with _FLUENT_LOCK, _fluent_tracking_uri(tracking_uri):
         with mlflow.start_run(run_id=run_id, log_system_metrics=False):
             info = mlflow.pyfunc.log_model(
                 name=config.stage, python_model=str(PYFUNC_FILE), artifacts={"checkpoint": str(checkpoint_dir)},
