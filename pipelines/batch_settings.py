@@ -9,11 +9,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from coltran.configs import ConfigError
 from coltran.pipeline import RESOLUTIONS
-from pipelines.train.config import merge, parse_overrides
+from pipelines.job_config import load_strict
 
 MODES, CROPS, FORMATS, DEVICES = ("sample", "argmax"), ("full", "center"), ("png", "jpeg"), ("auto", "cpu", "cuda")
 
@@ -102,20 +100,8 @@ CLI_KEYS = ("sources", "models", "out", "num_samples", "seed", "temperature", "m
 
 def load_settings(path: str | Path | None = None, data: dict[str, Any] | None = None,
                   overrides: list[str] | None = None) -> BatchSettings:
-    """Settings from a job YAML (or a dict), then `dotted.key=value` overrides; validated."""
-    if path is not None:
-        try:
-            loaded = yaml.safe_load(Path(path).read_text()) or {}
-        except (OSError, yaml.YAMLError) as err:
-            raise ConfigError(f"cannot read job file {path}: {err}") from None
-        if not isinstance(loaded, dict):
-            raise ConfigError(f"job file {path} must hold a mapping of settings, got {type(loaded).__name__}")
-        data = {**loaded, **(data or {})}
-    settings = merge(BatchSettings(), data or {}, "")
-    for key, value in parse_overrides(overrides or []).items():
-        for part in reversed(key.split(".")):
-            value = {part: value}
-        settings = merge(settings, value, "")
+    """Settings from a job YAML (or a dict; its keys win), then `dotted.key=value` overrides; validated."""
+    settings = load_strict(BatchSettings(), path, data, overrides)
     settings.validate()
     return settings
 

@@ -20,7 +20,6 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import ray
-import yaml
 
 from pipelines.dataset_format import (
     FAILURE_SCHEMA,
@@ -31,6 +30,7 @@ from pipelines.dataset_format import (
     write_json,
 )
 from pipelines.examples import examples_batch
+from pipelines.job_config import parse_overrides, read_job_file
 from pipelines.manifest import build_manifest
 from pipelines.s3 import resolve_path
 from pipelines.sources import SourcePlan, plan_sources
@@ -179,16 +179,7 @@ def run(args: argparse.Namespace) -> int:
 
 def load_settings(path: str, overrides: list[str]) -> PreprocessSettings:
     """Settings from a YAML job file plus `key=value` overrides (values parsed as YAML)."""
-    with open(path) as f:
-        data = yaml.safe_load(f) or {}
-    if not isinstance(data, dict):
-        raise ValueError(f"job file {path!r} must hold a mapping of settings, got {type(data).__name__}")
-    for item in overrides:
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise ValueError(f"override {item!r} must look like key=value")
-        data[key.strip()] = yaml.safe_load(value)
-    return PreprocessSettings.from_dict(data)
+    return PreprocessSettings.from_dict({**read_job_file(path), **parse_overrides(overrides)})
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -9,6 +9,7 @@ import pytest
 import yaml
 
 from coltran.configs import ConfigError, config_to_dict, preset
+from pipelines.job_config import parse_overrides
 from pipelines.train.config import (
     PAPER_BATCH,
     PAPER_STEPS,
@@ -17,7 +18,6 @@ from pipelines.train.config import (
     job_from_dict,
     job_to_dict,
     load_job,
-    parse_overrides,
 )
 
 JOBS = Path(__file__).resolve().parents[1] / "jobs"
