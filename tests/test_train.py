@@ -17,6 +17,7 @@ import mlflow
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
+import ray
 import torch
 import torch.distributed as dist
 import yaml
@@ -33,7 +34,7 @@ from coltran.sampling import sample_colorizer
 from coltran.transforms import rgb_to_gray, upsample_4x
 from pipelines.dataset_format import read_tensor_column
 from pipelines.tracking import STAGE_TAG, resolve_models
-from pipelines.train.data import DataPosition, train_batches
+from pipelines.train.data import DataPosition, open_train_dataset, train_batches
 from pipelines.train.evaluation import evaluate, sample_grid
 from pipelines.train.state import replica_spread
 from pipelines.train.worker import FAULT_ENV, StageLoss
@@ -211,8 +212,9 @@ def test_mlflow_holds_params_metrics_images_and_config(submission, mlflow_server
     for stage, run in runs.items():
         assert run.data.params["model_config.hidden_size"] == "32"
         assert run.data.params["train.batch_size"] == str(PLAN[stage][1])
-        for key in ("loss", "images_per_s", "step_time_s", "eval/bits_per_dim"):
+        for key in ("loss", "images_per_s", "step_time_s", "data_wait_s", "eval/bits_per_dim"):
             assert key in run.data.metrics, f"{stage} lacks metric {key}"
+        assert 0 <= run.data.metrics["data_wait_s"] < run.data.metrics["step_time_s"]
         assert 0 < run.data.metrics["eval/bits_per_dim"] < 10
         images = [a.path for a in client.list_artifacts(run.info.run_id, "images")]
         assert images, f"{stage} logged no sample grid"
@@ -273,6 +275,18 @@ def test_resubmission_continues_the_same_runs_and_a_failing_stage_spares_the_oth
     versions = client.search_model_versions(f"name = '{NAMES['color_upsampler']}'")
     assert len(versions) == 2
     assert client.get_model_version_by_alias(NAMES["color_upsampler"], "candidate").version == "2"
+
+
+@pytest.mark.ray
+def test_small_training_splits_are_materialised_once(submission, ray_pool_driver):
+    rows = pq.read_table(submission.dataset / "train", columns=["key"]).num_rows
+    cached = open_train_dataset(str(submission.dataset), "spatial_upsampler", "train", cache_below_mb=512)
+    assert isinstance(cached, ray.data.MaterializedDataset) and cached.count() == rows
+    assert cached.columns() == ["gray_256", "rgb_256", "rgb_64"]
+    per_row_mb = (256 * 256 * 4 + 64 * 64 * 3) / 1e6
+    streamed = open_train_dataset(str(submission.dataset), "spatial_upsampler", "train",
+                                  cache_below_mb=per_row_mb * (rows - 1))  # one row over the limit
+    assert not isinstance(streamed, ray.data.MaterializedDataset) and streamed.count() == rows
 
 
 # ---- Fast checks without Ray: the DDP wiring, the data position, evaluation and grids ----

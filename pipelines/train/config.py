@@ -100,6 +100,9 @@ class JobConfig:
     dataset: str | None = None  # preprocessed dataset root (DEST of `coltran preprocess`): path or s3://
     train_split: str = "train"
     eval_split: str = "heldout"
+    # a stage's training columns up to this size (MB) are materialised once in the object store instead of
+    # re-read from Parquet every epoch (small datasets); 0: always stream
+    cache_train_below_mb: float = 512.0
     models_dir: str | None = None  # where the final models directory is written; null: not written
     mlflow: MlflowSpec = field(default_factory=MlflowSpec)
     stages: Stages = field(default_factory=Stages)
@@ -119,6 +122,8 @@ class JobConfig:
         if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", self.run_name):
             raise ConfigError(f"run_name must be letters, digits, '.', '_' or '-' (it names runs and storage "
                               f"directories), got {self.run_name!r}")
+        if not self.cache_train_below_mb >= 0:
+            raise ConfigError(f"cache_train_below_mb must be >= 0, got {self.cache_train_below_mb}")
         if not self.enabled_stages():
             raise ConfigError("every stage is disabled; enable at least one of " + ", ".join(STAGE_NAMES))
         for name in self.enabled_stages():

@@ -23,10 +23,30 @@ STAGE_COLUMNS = {
 SHUFFLE_BUFFER = 256  # rows; a local shuffle on top of the random crops made at preprocessing
 
 
-def open_train_dataset(root: str, stage: str, split: str) -> ray.data.Dataset:
-    """The training split with only the columns `stage` reads."""
+COLUMN_BYTES = {"gray_64": 64 * 64, "rgb_64": 64 * 64 * 3, "gray_256": 256 * 256, "rgb_256": 256 * 256 * 3}
+
+
+def open_train_dataset(root: str, stage: str, split: str, cache_below_mb: float = 0.0) -> ray.data.Dataset:
+    """The training split with only the columns `stage` reads. When those columns total at most `cache_below_mb`
+    MB (row count from the Parquet footers), the dataset is materialised once in the object store: otherwise
+    every epoch is a new Ray Data execution that lists, opens and decodes the Parquet again, which dominates
+    step time on small datasets."""
     fs, path = resolve_path(root)
-    return ray.data.read_parquet(f"{path}/{split}", filesystem=fs, columns=STAGE_COLUMNS[stage])
+    ds = ray.data.read_parquet(f"{path}/{split}", filesystem=fs, columns=STAGE_COLUMNS[stage])
+    if cache_below_mb > 0:
+        files = _parquet_files(fs, f"{path}/{split}", root, split)
+        rows = pads.dataset(files, filesystem=fs, format="parquet").count_rows()
+        if rows * sum(COLUMN_BYTES[c] for c in STAGE_COLUMNS[stage]) <= cache_below_mb * 1e6:
+            ds = ds.materialize()
+    return ds
+
+
+def _parquet_files(fs: pafs.FileSystem, directory: str, root: str, split: str) -> list[str]:
+    files = sorted(i.path for i in fs.get_file_info(pafs.FileSelector(directory, recursive=True))
+                   if i.path.endswith(".parquet"))
+    if not files:
+        raise FileNotFoundError(f"no Parquet files under {root}/{split}; expected the {split} split there")
+    return files
 
 
 @dataclass
@@ -61,10 +81,7 @@ def eval_batches(root: str, split: str, stage: str, rows: int, batch_size: int) 
     """The first `rows` rows of the held-out split (files in name order), a fixed set read with plain pyarrow
     (no Ray Data execution, so every evaluation and every attempt sees the same images), as CPU torch batches."""
     fs, path = resolve_path(root)
-    selector = pafs.FileSelector(f"{path}/{split}", recursive=True)
-    files = sorted(i.path for i in fs.get_file_info(selector) if i.path.endswith(".parquet"))
-    if not files:
-        raise FileNotFoundError(f"no Parquet files under {root}/{split}; expected the held-out split there")
+    files = _parquet_files(fs, f"{path}/{split}", root, split)
     table = pads.dataset(files, filesystem=fs, format="parquet").head(rows, columns=STAGE_COLUMNS[stage])
     if table.num_rows == 0:
         raise RuntimeError(f"the held-out split {root}/{split} is empty; expected rows for evaluation")

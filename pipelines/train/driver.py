@@ -52,7 +52,7 @@ def build_trainer(job: JobConfig, stage: str, run_id: str, tracking_uri: str) ->
     run_config = RunConfig(name=f"{job.run_name}-{stage}", storage_path=storage, storage_filesystem=fs,
                            checkpoint_config=CheckpointConfig(num_to_keep=t.keep_checkpoints),
                            failure_config=FailureConfig(max_failures=t.max_failures))
-    datasets = {"train": open_train_dataset(job.dataset, stage, job.train_split)}
+    datasets = {"train": open_train_dataset(job.dataset, stage, job.train_split, job.cache_train_below_mb)}
     loop_config = {"job": job_to_dict(job), "stage": stage, "mlflow_run_id": run_id, "tracking_uri": tracking_uri}
     return TorchTrainer(train_loop, train_loop_config=loop_config, scaling_config=scaling, run_config=run_config,
                         datasets=datasets, dataset_config=DataConfig(datasets_to_split=["train"]))

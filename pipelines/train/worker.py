@@ -130,7 +130,8 @@ class _Loop:
                 self._maybe_fault()
                 tic = time.perf_counter()
                 batch = next(batches)
-                window.add(self._step(batch), time.perf_counter() - tic)
+                waited = time.perf_counter() - tic  # before the step: data_wait_s is the wait alone
+                window.add(self._step(batch), waited)
                 window = self._after_step(window)
 
     def _step(self, batch: dict) -> dict:
