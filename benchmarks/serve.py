@@ -3,10 +3,12 @@ max_batch_size=1, in one run on a local Ray. Prints requests/s, p50/p99 latency 
 colorizer's mean batch, and the CPU seconds all Ray processes spent per request (on a machine shared with other
 work, wall-clock throughput follows their load; CPU time per request much less so).
 
-    python benchmarks/serve.py [--models DIR] [--batch 16] [--rounds 2] [--requests 1] [--num-cpus 2]
+    python benchmarks/serve.py [--models DIR] [--colorizer-preset mid] [--batch 16] [--rounds 2] [--requests 1]
 
 Defaults: untrained `test` preset models, resolution 256, a real photo from ../shared/data when present (else a
-synthetic gray image). Exits 1 if any request failed."""
+synthetic gray image). `--colorizer-preset mid` swaps in a wider colorizer so that, as with the paper's models,
+the autoregressive stage dominates the cost of a request (at `test` size on a CPU the spatial upsampler does).
+Exits 1 if any request failed."""
 
 from __future__ import annotations
 
@@ -14,6 +16,7 @@ import argparse
 import io
 import os
 import re
+import shutil
 import socket
 import statistics
 import sys
@@ -188,9 +191,23 @@ def print_table(results: list[LoadResult]) -> None:
                   f"CPU time per request unbatched / batched {cpu_ratio:.2f}x")
 
 
+def untrained_models(root: Path, colorizer_preset: str) -> Path:
+    """A models directory of untrained `test` upsamplers and an untrained colorizer of `colorizer_preset`."""
+    from coltran.init_models import init_models
+
+    models = init_models(root / "models", "test")
+    if colorizer_preset != "test":
+        wide = init_models(root / colorizer_preset, colorizer_preset)
+        shutil.rmtree(models / "colorizer")
+        shutil.move(str(wide / "colorizer"), str(models / "colorizer"))
+    return models
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", default=None, help="models directory (default: fresh untrained test preset)")
+    parser.add_argument("--colorizer-preset", default="test", choices=["test", "mid", "full"],
+                        help="preset of the untrained colorizer (the upsamplers stay `test`)")
     parser.add_argument("--batch", type=int, default=16, help="the batched setting's max_batch_size")
     parser.add_argument("--rounds", type=int, default=2, help="rounds, each running every load on both settings")
     parser.add_argument("--requests", type=int, default=1, help="requests per client per round at 16 clients")
@@ -200,11 +217,9 @@ def main(argv: list[str] | None = None) -> int:
     import ray
     from ray import serve
 
-    from coltran.init_models import init_models
-
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     tmp = tempfile.TemporaryDirectory(prefix="coltran-bench-")
-    models = args.models or str(init_models(Path(tmp.name) / "models", "test"))
+    models = args.models or str(untrained_models(Path(tmp.name), args.colorizer_preset))
     body = photo_bytes()
     load_before = os.getloadavg()[0]
     ray.init(_node_ip_address="127.0.0.2", num_cpus=args.num_cpus, object_store_memory=300_000_000,
@@ -219,7 +234,8 @@ def main(argv: list[str] | None = None) -> int:
         serve.shutdown()
         ray.shutdown()
         tmp.cleanup()
-    print(f"ColTran Serve benchmark: test preset, resolution 256, {len(body):,}-byte photo, {args.rounds} rounds, "
+    presets = "given models" if args.models else f"colorizer {args.colorizer_preset}, upsamplers test"
+    print(f"ColTran Serve benchmark: {presets}, resolution 256, {len(body):,}-byte photo, {args.rounds} rounds, "
           f"batched = max_batch_size {args.batch}, unbatched = 1; {args.num_cpus} Ray CPUs on a "
           f"{os.cpu_count()}-CPU machine, 1-min load average {load_before:.1f} before, "
           f"{os.getloadavg()[0]:.1f} after")

@@ -6,6 +6,7 @@ its coltran checkpoint directory, and `resolve_models` turning a directory or `m
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import os
 import shutil
@@ -214,30 +215,44 @@ def _cache_root() -> Path:
 
 
 def _download(client: MlflowClient, name: str, version: str, target: Path, tracking_uri: str | None) -> Path:
-    """Fetch version `version` of `name` and place its checkpoint directory at `target` (atomically)."""
-    if (target / "meta.json").exists():
-        meta = json.loads((target / "meta.json").read_text())
-        if meta.get("registered_name") == name and str(meta.get("registered_version")) == version:
-            return target
+    """Fetch version `version` of `name` and place its checkpoint directory at `target` (atomically).
+
+    Several processes of one node (the actors of a batch or evaluation job) resolve the same version at once:
+    a lock file beside `target` makes one of them download while the others wait and then reuse its copy, so
+    a directory that another process is loading from is never replaced."""
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.dl-", dir=target.parent))
-    try:
-        # Not download_artifacts("models:/..."): MLflow resolves that URI against the process-global registry
-        # URI (ignoring registry_uri), which breaks when a Ray worker inherited another server's settings.
-        location = client.get_model_version_download_uri(name, version)
-        model_dir = Path(mlflow.artifacts.download_artifacts(location, dst_path=str(tmp), tracking_uri=tracking_uri))
-        flavor = yaml.safe_load((model_dir / "MLmodel").read_text())["flavors"]["python_function"]
-        ckpt = model_dir / flavor["artifacts"]["checkpoint"]["path"]
-        meta = json.loads((ckpt / "meta.json").read_text())
-        # "version" in meta.json is the checkpoint format's; the registry's goes under its own keys
-        meta.update(registered_name=name, registered_version=version, source=f"models:/{name}/{version}")
-        (ckpt / "meta.json").write_text(json.dumps(meta, indent=2, sort_keys=True))
-        if target.exists():
-            shutil.rmtree(target)
-        os.replace(ckpt, target)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    with open(target.parent / f".{target.name}.lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if _holds_version(target, name, version):
+            return target
+        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.dl-", dir=target.parent))
+        try:
+            # Not download_artifacts("models:/..."): MLflow resolves that URI against the process-global
+            # registry URI (ignoring registry_uri), which breaks when a Ray worker inherited another server's.
+            location = client.get_model_version_download_uri(name, version)
+            model_dir = Path(mlflow.artifacts.download_artifacts(location, dst_path=str(tmp),
+                                                                 tracking_uri=tracking_uri))
+            flavor = yaml.safe_load((model_dir / "MLmodel").read_text())["flavors"]["python_function"]
+            ckpt = model_dir / flavor["artifacts"]["checkpoint"]["path"]
+            meta = json.loads((ckpt / "meta.json").read_text())
+            # "version" in meta.json is the checkpoint format's; the registry's goes under its own keys
+            meta.update(registered_name=name, registered_version=version, source=f"models:/{name}/{version}")
+            (ckpt / "meta.json").write_text(json.dumps(meta, indent=2, sort_keys=True))
+            if target.exists():  # another version at an explicit `dest`: moved aside, then removed
+                stale = tmp / "stale"
+                os.replace(target, stale)
+            os.replace(ckpt, target)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
     return target
+
+
+def _holds_version(target: Path, name: str, version: str) -> bool:
+    try:
+        meta = json.loads((target / "meta.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return meta.get("registered_name") == name and str(meta.get("registered_version")) == version
 
 
 def _param_text(value: Any) -> str:

@@ -35,3 +35,39 @@ def test_register_stage_leaves_the_global_tracking_uri_alone(tmp_path, monkeypat
     resolved = resolve_models("models:/t-color-upsampler@candidate", dest=tmp_path / "resolved", tracking_uri=store)
     ckpt = load_checkpoint(resolved, stage="color_upsampler")
     assert ckpt.meta["registered_name"] == "t-color-upsampler" and ckpt.meta["registered_version"] == "1"
+
+
+def _resolve_and_load(store: str, cache: str, start, rounds: int) -> list[str]:
+    """In a child process: resolve the same registered version `rounds` times from a shared cache, each time
+    loading the checkpoint at once (what the actors of one job on one node do)."""
+    os.environ["COLTRAN_MODEL_CACHE"] = cache
+    start.wait()
+    steps = []
+    for _ in range(rounds):
+        path = resolve_models("models:/race-colorizer/1", tracking_uri=store)
+        steps.append(str(load_checkpoint(path, stage="colorizer").step))
+    return steps
+
+
+def test_concurrent_resolution_of_one_version_never_exposes_a_partial_directory(tmp_path):
+    import concurrent.futures
+    import multiprocessing
+
+    store = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(store)
+    experiment = client.create_experiment("race-test", artifact_location=(tmp_path / "artifacts").as_uri())
+    run_id = client.create_run(experiment).info.run_id
+    models = init_models(tmp_path / "models", "test", seed=2)
+    register_stage(models / "colorizer", run_id=run_id, name="race-colorizer", alias=None, tracking_uri=store)
+    context = multiprocessing.get_context("spawn")
+    workers = 4
+    with context.Manager() as manager:
+        start = manager.Barrier(workers)
+        with concurrent.futures.ProcessPoolExecutor(workers, mp_context=context) as pool:
+            futures = [pool.submit(_resolve_and_load, store, str(tmp_path / "cache"), start, 3)
+                       for _ in range(workers)]
+            results = [f.result(timeout=300) for f in futures]
+    assert results == [["0", "0", "0"]] * workers
+    cached = tmp_path / "cache" / "race-colorizer"
+    assert sorted(p.name for p in cached.iterdir() if not p.name.startswith(".")) == ["1"]
+    assert not [p for p in cached.iterdir() if ".dl-" in p.name]  # no download folders left behind
