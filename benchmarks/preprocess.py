@@ -1,7 +1,7 @@
 """Preprocessing throughput: the Ray Data job (pipelines.preprocess) against a plain single-process Pillow loop
 that makes the same tensors from the same files and writes them to Parquet; images/s, ratio and peak RSS.
 
-    .venv/bin/python benchmarks/preprocess.py [--images 200] [--num-cpus 2]
+    .venv/bin/python benchmarks/preprocess.py [--images 500] [--num-cpus 2]
 """
 
 from __future__ import annotations
@@ -125,7 +125,7 @@ def run_job(root: Path, dest: Path, settings: dict) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--images", type=int, default=200)
+    parser.add_argument("--images", type=int, default=500)
     parser.add_argument("--num-cpus", type=int, default=2)
     parser.add_argument("--train-crops", type=int, default=1)
     parser.add_argument("--heldout-fraction", type=float, default=0.01)
