@@ -82,7 +82,7 @@ def run(args: argparse.Namespace) -> int:
         _say("2/4 preprocessing with Ray Data")
         manifest = run_preprocess(PreprocessSettings(sources=[str(root / "photos" / "train")],
                                                      dest=str(root / "data"), heldout_fraction=0.1,
-                                                     min_rows_per_file=64))
+                                                     min_rows_per_file=32))
         _say("    rows per split: " + ", ".join(f"{s}={v['images']}" for s, v in manifest["splits"].items()))
         _say("3/4 training the three stages at once (Ray Train), tracked in MLflow")
         outcomes = run_job(job)
