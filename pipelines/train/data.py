@@ -32,7 +32,7 @@ def open_train_dataset(root: str, stage: str, split: str, cache_below_mb: float 
     every epoch is a new Ray Data execution that lists, opens and decodes the Parquet again, which dominates
     step time on small datasets."""
     fs, path = resolve_path(root)
-    ds = ray.data.read_parquet(f"{path}/{split}", filesystem=fs, columns=STAGE_COLUMNS[stage])
+    ds = ray.data.read_parquet(f"{path}/{split}", filesystem=fs).select_columns(STAGE_COLUMNS[stage])
     if cache_below_mb > 0:
         files = _parquet_files(fs, f"{path}/{split}", root, split)
         rows = pads.dataset(files, filesystem=fs, format="parquet").count_rows()
