@@ -16,7 +16,6 @@ import argparse
 import io
 import os
 import re
-import shutil
 import socket
 import statistics
 import sys
@@ -195,12 +194,8 @@ def untrained_models(root: Path, colorizer_preset: str) -> Path:
     """A models directory of untrained `test` upsamplers and an untrained colorizer of `colorizer_preset`."""
     from coltran.init_models import init_models
 
-    models = init_models(root / "models", "test")
-    if colorizer_preset != "test":
-        wide = init_models(root / colorizer_preset, colorizer_preset)
-        shutil.rmtree(models / "colorizer")
-        shutil.move(str(wide / "colorizer"), str(models / "colorizer"))
-    return models
+    models = init_models(root / "models", "test", stages=["color_upsampler", "spatial_upsampler"])
+    return init_models(models, colorizer_preset, stages=["colorizer"])
 
 
 def main(argv: list[str] | None = None) -> int:

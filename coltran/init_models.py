@@ -3,6 +3,7 @@ users can check their plumbing end to end before any training."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -12,11 +13,16 @@ from coltran.configs import STAGE_NAMES, resolve_config
 from coltran.models import build_model
 
 
-def init_models(directory: str | Path, preset: str = "test", seed: int = 0) -> Path:
-    """Write DIR/colorizer, DIR/color_upsampler, DIR/spatial_upsampler with TF-equivalent initial weights."""
+def init_models(directory: str | Path, preset: str = "test", seed: int = 0,
+                stages: Sequence[str] = STAGE_NAMES) -> Path:
+    """Write DIR/colorizer, DIR/color_upsampler, DIR/spatial_upsampler (or only `stages`) with TF-equivalent
+    initial weights; a stage's weights depend on (seed, stage) only, not on which other stages are written."""
     directory = Path(directory)
-    for k, stage in enumerate(STAGE_NAMES):
-        torch.manual_seed(seed * 1000 + k)
+    unknown = sorted(set(stages) - set(STAGE_NAMES))
+    if unknown:
+        raise ValueError(f"unknown stage(s) {unknown}; expected some of {list(STAGE_NAMES)}")
+    for stage in stages:
+        torch.manual_seed(seed * 1000 + STAGE_NAMES.index(stage))
         model = build_model(resolve_config(preset, stage))
         ema = {n: p.detach().clone() for n, p in model.named_parameters()}
         save_checkpoint(directory / stage, model, ema_state=ema, step=0,

@@ -31,6 +31,12 @@ from coltran.transforms import from_3bit, upsample_4x
 RESOLUTIONS = ("full", "256")
 
 
+def to_tensor(array, device: torch.device | str) -> torch.Tensor:
+    """A tensor on `device`; read-only arrays (Ray's zero-copy batches) are copied first, which torch needs to
+    share memory safely."""
+    return torch.from_numpy(np.require(np.asarray(array), requirements=["C", "W"])).to(device)
+
+
 @dataclass
 class SampleResult:
     seed: int
@@ -124,7 +130,7 @@ class ColTranPipeline:
     def colorize(self, gray_64: np.ndarray, seeds: Sequence[int], num_samples: int = 1,
                  temperature: float = 1.0, mode: str = "sample", official_row_cln: bool = False) -> np.ndarray:
         """gray (B, 64, 64) uint8 -> 3-bit colours (B * num_samples, 64, 64, 3) uint8, image-major."""
-        gray = self._tensor(gray_64)
+        gray = to_tensor(gray_64, self.device)
         with self._autocast():
             out = sample_colorizer(self._model("colorizer"), gray, num_samples=num_samples, mode=mode,
                                    temperature=temperature, seeds=list(seeds), official_row_cln=official_row_cln)
@@ -142,16 +148,11 @@ class ColTranPipeline:
         """gray (N, 256, 256), colours (N, 64, 64, 3) -> (N, 256, 256, 3) uint8."""
         return self._predict(self._model("spatial_upsampler"), gray_256, upsample_4x(np.asarray(rgb_64)))
 
-    def _tensor(self, array) -> torch.Tensor:
-        """A tensor on this pipeline's device; read-only arrays (Ray's zero-copy batches) are copied first, which
-        torch needs to share memory safely."""
-        return torch.from_numpy(np.require(np.asarray(array), requirements=["C", "W"])).to(self.device)
-
     def _predict(self, model, gray: np.ndarray, tokens: np.ndarray) -> np.ndarray:
         outs = []
         for start in range(0, len(gray), self.upsampler_batch_size):
-            g = self._tensor(gray[start : start + self.upsampler_batch_size])
-            t = self._tensor(tokens[start : start + self.upsampler_batch_size])
+            g = to_tensor(gray[start : start + self.upsampler_batch_size], self.device)
+            t = to_tensor(tokens[start : start + self.upsampler_batch_size], self.device)
             with self._autocast():
                 outs.append(model.predict(g, t, mode="argmax").cpu().numpy())
         return np.concatenate(outs) if outs else np.zeros((0, *tokens.shape[1:]), np.uint8)

@@ -14,6 +14,7 @@ from coltran.checkpoint import load_checkpoint
 from coltran.configs import STAGE_NAMES
 from coltran.imageio import encode_image
 from coltran.metrics import InceptionFeatures, colourfulness
+from coltran.pipeline import to_tensor
 from coltran.transforms import rgb_to_gray
 from pipelines.batch_stages import objects
 
@@ -43,7 +44,7 @@ class BitsPerDimActor:
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         values = {stage: np.zeros(len(batch["key"])) for stage in STAGE_NAMES}
         for i in range(len(batch["key"])):  # one image at a time: the spatial upsampler's logits are ~200 MB
-            row = {name: torch.as_tensor(batch[src][i:i + 1], device=self.device) for name, src in (
+            row = {name: to_tensor(batch[src][i:i + 1], self.device) for name, src in (
                 ("gray_64", "gray_64"), ("rgb_64", "rgb_64"), ("gray_256", "gray_256"), ("rgb_256", "truth_256"))}
             for stage, model in self.models.items():
                 values[stage][i] = float(model.loss(row, random_channel=False)[1]["loss"])

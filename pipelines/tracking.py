@@ -238,9 +238,8 @@ def _download(client: MlflowClient, name: str, version: str, target: Path, track
             # "version" in meta.json is the checkpoint format's; the registry's goes under its own keys
             meta.update(registered_name=name, registered_version=version, source=f"models:/{name}/{version}")
             (ckpt / "meta.json").write_text(json.dumps(meta, indent=2, sort_keys=True))
-            if target.exists():  # another version at an explicit `dest`: moved aside, then removed
-                stale = tmp / "stale"
-                os.replace(target, stale)
+            if target.exists():  # another version at an explicit `dest`: moved aside, removed with tmp
+                os.replace(target, tmp / "stale")
             os.replace(ckpt, target)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)

@@ -107,6 +107,19 @@ def test_models_directory_errors(tmp_path, models_dir):
     assert pipe.untrained and all(info["untrained"] for info in pipe.model_info.values())
 
 
+
+def test_init_models_of_some_stages_writes_the_same_weights_as_all(tmp_path, models_dir):
+    """Writing only some stages (a mixed-preset directory) gives each the weights the full call gives it."""
+    from coltran.checkpoint import load_checkpoint
+
+    part = init_models(tmp_path / "part", "test", seed=3, stages=["spatial_upsampler"])
+    assert sorted(p.name for p in part.iterdir()) == ["spatial_upsampler"]
+    alone = load_checkpoint(part / "spatial_upsampler").model.state_dict()
+    full = load_checkpoint(models_dir / "spatial_upsampler").model.state_dict()
+    assert alone.keys() == full.keys() and all(np.array_equal(alone[k], full[k]) for k in full)
+    with pytest.raises(ValueError, match="unknown stage"):
+        init_models(tmp_path / "bad", "test", stages=["decoder"])
+
 def test_single_stage_pipelines_run_their_step_like_the_full_one(tmp_path, models_dir, pipe):
     """What a batch actor or a Serve replica holds: one stage, whose step equals the full pipeline's."""
     gray = np.random.default_rng(0).integers(0, 256, (2, 64, 64), dtype=np.uint8)
