@@ -109,6 +109,8 @@ def ray_loop(stage: str, size: str, batch: int, steps: int, warmup: int, device:
     stages[stage].update(model={"preset": size}, train=train,
                          scaling={"pool": None, "num_workers": 1, "use_gpu": device.type == "cuda",
                                   "cpus_per_worker": os.cpu_count() or 1})  # as many threads as plain
+    # the experiment's artifacts go to the work dir (a sqlite store's default artifact root is ./mlruns)
+    MlflowClient(uri).create_experiment("bench", artifact_location=(workdir / "artifacts").as_uri())
     job = load_job(data={"run_name": f"bench-{stage}", "storage_path": str(workdir / "runs"),
                          "dataset": str(workdir / "data"), "mlflow": {"tracking_uri": uri, "experiment": "bench"},
                          "stages": stages})

@@ -38,7 +38,8 @@ from pipelines.sources import SourcePlan, plan_sources
 __all__ = ["PreprocessSettings", "add_arguments", "main", "read_tensor_column", "run", "run_preprocess"]
 log = logging.getLogger(__name__)
 FAILURES_STAGING = "_failures"
-TASK_CPUS = 1  # the decode's and the write's CPU share: equal, so Ray fuses them into one task per file
+TASK_CPUS = 1  # the decode's and the write's CPU share: equal to each other and to the file read's (Ray Data's default),
+# so Ray fuses read, decode and write into one task per Parquet file
 
 
 @dataclass
@@ -109,16 +110,19 @@ def _collect_failures(fs: pafs.FileSystem, dest: str) -> pa.Table:
 
 def _write_split(plan: SourcePlan, split: str, settings: PreprocessSettings, fs: pafs.FileSystem, dest: str) -> None:
     key_filter = functools.partial(key_in_split, split=split, heldout_fraction=settings.heldout_fraction)
-    ds = plan.to_dataset(key_filter).map_batches(
+    crops = settings.train_crops if split == "train" else 1
+    files_per_block = max(1, settings.min_rows_per_file // crops)  # one block of inputs -> one Parquet file
+    ds = plan.to_dataset(key_filter, rows_per_block=files_per_block).map_batches(
         examples_batch, batch_size=settings.batch_size, batch_format="pyarrow", num_cpus=TASK_CPUS,
         fn_kwargs={"split": split, "train_crops": settings.train_crops, "seed": settings.seed,
                    "max_pixels": settings.max_pixels, "min_side": settings.min_side, "failures_fs": fs,
                    "failures_dir": f"{dest}/{FAILURES_STAGING}"})
-    # The write asks for the decode's CPU share (TASK_CPUS), so Ray fuses them: each task decodes one file's
-    # worth of images (min_rows_per_file) and writes it, with no trip of the tensors through the object store.
-    # Ray Data's per-operator reservation would hold back CPUs for operators that are cheap here.
-    # Measured on 500 ImageNet JPEGs, 2 CPUs: 10.3 s unfused with reservation, 5.6 s unfused without, 4.2 s
-    # fused (benchmarks/preprocess.py).
+    # The read of loose files, the decode and the write ask for the same CPU share (TASK_CPUS), so Ray fuses
+    # them: each task reads one block of files, decodes it and writes it as one Parquet file, with no trip of
+    # bytes or tensors through the object store. Ray Data's per-operator reservation would hold back CPUs for
+    # operators that are cheap here. Measured on 500 ImageNet JPEGs, 2 CPUs (benchmarks/preprocess.py): 10.3 s
+    # unfused with reservation, 5.6 s unfused without, 4.2 s with decode and write fused; reading inside the
+    # fused task instead of in Ray's read_binary_files tasks took a further 15-20 % off (A/B in one run).
     ds.context.op_resource_reservation_enabled = False
     ds.write_parquet(f"{dest}/{split}", filesystem=fs, min_rows_per_file=settings.min_rows_per_file,
                      try_create_dir=not _is_object_store(fs), ray_remote_args={"num_cpus": TASK_CPUS})

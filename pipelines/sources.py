@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import collections
 import posixpath
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -15,6 +16,7 @@ import pyarrow.fs as pafs
 import ray
 
 from pipelines.archives import (
+    MAX_MEMBER_BYTES,
     archive_suffix,
     iter_archive,
     iter_archive_bytes,
@@ -58,17 +60,24 @@ class SourcePlan:
     def num_archives(self) -> int:
         return sum(len(a) for a in self.archives)
 
-    def to_dataset(self, key_filter: KeyFilter | None = None) -> ray.data.Dataset:
+    def to_dataset(self, key_filter: KeyFilter | None = None, rows_per_block: int = 32) -> ray.data.Dataset:
         """The rows of every source whose key passes `key_filter` (a picklable function of the key).
-        Loose files are filtered before they are read; archive members while they stream past."""
+
+        Loose files are filtered on the listing, before they are read, and read inside the task that consumes
+        them, `rows_per_block` files to a block (so a consumer that writes one file per block gets files of that
+        size and fuses with the read); archive members are filtered while they stream past."""
+        if rows_per_block < 1:
+            raise ValueError(f"rows_per_block must be >= 1, got {rows_per_block}")
         parts = []
         for fs, roots, files, archives in zip(self.filesystems, self.roots, self.files, self.archives,
                                               strict=True):
             paths = [p for p, key in files if key_filter is None or key_filter(key)]
             if paths:
-                ds = ray.data.read_binary_files(paths, include_paths=True, filesystem=fs)
+                listing = pa.table({"path": paths})
+                ds = ray.data.from_arrow([listing.slice(i, rows_per_block)
+                                          for i in range(0, len(paths), rows_per_block)])
                 parts.append(ds.map_batches(_file_rows, batch_format="pyarrow", batch_size=None,
-                                            fn_kwargs={"roots": roots, "labeling": self.labeling}))
+                                            fn_kwargs={"filesystem": fs, "roots": roots, "labeling": self.labeling}))
             if archives:
                 parts.append(_archive_dataset(fs, archives, self.labeling, key_filter))
         if not parts:
@@ -223,10 +232,32 @@ def _key_of(path: str, roots: list[tuple[str, str, bool]]) -> tuple[str, str]:
     return posixpath.relpath(path, root), src
 
 
-def _file_rows(batch: pa.Table, *, roots: list[tuple[str, str, bool]], labeling: Labeling) -> pa.Table:
-    keys, sources = zip(*(_key_of(p, roots) for p in batch.column("path").to_pylist()), strict=True) \
-        if batch.num_rows else ((), ())
-    return pa.table({"key": list(keys), "bytes": batch.column("bytes").cast(pa.binary()),
-                     "label": pa.array([labeling.label(k) for k in keys], pa.int64()),
-                     "error": pa.nulls(len(keys), pa.string()), "source": list(sources)}, schema=SOURCE_SCHEMA)
+def read_file_bytes(fs: pafs.FileSystem, path: str, limit: int = MAX_MEMBER_BYTES) -> tuple[bytes | None, str | None]:
+    """(bytes, None) of one file, or (None, "reason: message") when it cannot be read: gone, unreadable, or over
+    `limit` bytes (never read past it). Transient errors are retried twice; they are rare, and a failure row is
+    the job's record of the input either way."""
+    for attempt in range(3):
+        try:
+            with fs.open_input_stream(path) as f:
+                data = f.read(limit + 1)
+            if len(data) > limit:
+                return None, f"file_too_large: file is over the limit of {limit:,} bytes; not read"
+            return data, None
+        except (FileNotFoundError, PermissionError, IsADirectoryError) as exc:
+            return None, f"unreadable_file: {type(exc).__name__}: {exc}"
+        except OSError as exc:
+            if attempt == 2:
+                return None, f"unreadable_file: {type(exc).__name__}: {exc} (after 3 attempts)"
+            time.sleep(0.2 * 2**attempt)
+    raise AssertionError("unreachable")
 
+
+def _file_rows(batch: pa.Table, *, filesystem: pafs.FileSystem, roots: list[tuple[str, str, bool]],
+               labeling: Labeling) -> pa.Table:
+    """Read a block of listed files: {path} -> source rows; a file that cannot be read is an `error` row."""
+    paths = batch.column("path").to_pylist()
+    keys, sources = zip(*(_key_of(p, roots) for p in paths), strict=True) if paths else ((), ())
+    data, errors = zip(*(read_file_bytes(filesystem, p) for p in paths), strict=True) if paths else ((), ())
+    return pa.table({"key": list(keys), "bytes": pa.array(data, pa.binary()),
+                     "label": pa.array([labeling.label(k) for k in keys], pa.int64()),
+                     "error": pa.array(errors, pa.string()), "source": list(sources)}, schema=SOURCE_SCHEMA)

@@ -13,7 +13,7 @@ from layouts import SAMPLE, build_layouts, local_ray, moto_s3
 
 from pipelines.archives import name_problem
 from pipelines.labels import parse_labels
-from pipelines.sources import plan_sources, read_sources, split_error
+from pipelines.sources import plan_sources, read_file_bytes, read_sources, split_error
 
 pytestmark = pytest.mark.skipif(not SAMPLE.is_dir(), reason=f"test images not found at {SAMPLE}")
 # What tests/corpus.py calls each rejection, and the reason the reader gives it.
@@ -163,3 +163,36 @@ def test_labels_file_formats():
         "val_0.JPEG": "n03444034", "x.png": "7"}
     with pytest.raises(ValueError, match="line 2"):
         parse_labels("a.JPEG,1\nb.JPEG\n")
+
+
+@pytest.mark.ray
+def test_loose_files_read_in_blocks_and_unreadable_files_are_rows(layouts, ray_session, tmp_path):
+    """Files are read by the consuming task, `rows_per_block` to a block; a file that vanished after the listing
+    (or is over the size limit) is an error row for that key, and the other files are still read."""
+    tree = tmp_path / "tree"
+    for key, (data, _) in layouts.expected.items():
+        (tree / key).parent.mkdir(parents=True, exist_ok=True)
+        (tree / key).write_bytes(data)
+    plan = plan_sources([str(tree)])
+    gone = sorted(layouts.expected)[1]
+    (tree / gone).unlink()
+    ds = plan.to_dataset(rows_per_block=3)
+    blocks = [len(batch["key"]) for batch in ds.iter_batches(batch_size=None)]
+    assert sum(blocks) == len(layouts.expected) and max(blocks) <= 3
+    rows = _rows(ds)
+    assert split_error(rows[gone]["error"])[0] == "unreadable_file" and rows[gone]["bytes"] is None
+    assert {k: r["bytes"] for k, r in rows.items() if k != gone} == \
+        {k: data for k, (data, _) in layouts.expected.items() if k != gone}
+    with pytest.raises(ValueError, match="rows_per_block"):
+        plan.to_dataset(rows_per_block=0)
+
+
+def test_file_over_the_size_limit_is_not_read(tmp_path):
+    path = tmp_path / "big.jpg"
+    path.write_bytes(b"\xff" * 1000)
+    fs = pafs.LocalFileSystem()
+    assert read_file_bytes(fs, str(path), limit=1000) == (b"\xff" * 1000, None)
+    data, error = read_file_bytes(fs, str(path), limit=999)
+    assert data is None and split_error(error)[0] == "file_too_large"
+    data, error = read_file_bytes(fs, str(tmp_path / "missing.jpg"))
+    assert data is None and split_error(error)[0] == "unreadable_file" and "missing.jpg" in error
