@@ -106,37 +106,20 @@ def plain_loop_process(files: list[Path], root: Path, settings: dict) -> tuple[f
         return pool.submit(_timed_loop, files, root, settings).result()
 
 
-def parallel_loops_process(files: list[Path], root: Path, settings: dict, processes: int) -> float:
-    """Wall seconds of `processes` plain loops at once, each on its share of the files: what this machine's
-    cores give to independent processes with no coordination at all (the ceiling for any parallel job)."""
-    ctx = multiprocessing.get_context("spawn")
-    shares = [files[i::processes] for i in range(processes)]
-    with concurrent.futures.ProcessPoolExecutor(processes, mp_context=ctx) as pool:
-        list(pool.map(_warm, range(processes)))  # start the processes and import before the clock starts
-        start = time.perf_counter()
-        list(pool.map(plain_loop, shares, [root] * processes, [settings] * processes,
-                      [f"loop{i}" for i in range(processes)]))
-        return time.perf_counter() - start
-
-
-def _warm(_: int) -> None:
-    time.sleep(0.5)  # long enough that every worker process takes one
-
-
 def _timed_loop(files: list[Path], root: Path, settings: dict) -> tuple[float, int]:
     start = time.perf_counter()
     plain_loop(files, root, settings)
     return time.perf_counter() - start, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
-def plain_loop(files: list[Path], root: Path, settings: dict, name: str = "loop") -> int:
+def plain_loop(files: list[Path], root: Path, settings: dict) -> int:
     """One process: read, decode, crop/resize and write Parquet files of the job's size, split by the job's rule."""
     rows: dict[str, list] = {"train": [], "heldout": []}
     written = 0
 
     def flush(split: str) -> None:
         nonlocal written
-        pq.write_table(rows_to_table(rows[split]), root.parent / f"{name}_{split}_{written}.parquet")
+        pq.write_table(rows_to_table(rows[split]), root.parent / f"loop_{split}_{written}.parquet")
         rows[split], written = [], written + 1
 
     for path in files:
@@ -182,7 +165,7 @@ def main() -> None:
         work = Path(tmp)
         files = arrange(args.images, work / "data")
         root = work / "data" / "train"
-        loop_runs, ceiling_runs, loop_rss = [], [], 0
+        loop_runs, loop_rss = [], 0
         import ray
 
         ray.init(_node_ip_address="127.0.0.2", num_cpus=args.num_cpus, object_store_memory=300_000_000,
@@ -198,7 +181,6 @@ def main() -> None:
                     loop_runs.append(loop_s)
                     loop_rss = max(loop_rss, rss)
                     job_runs.append(timed(lambda i=i: run_job(root, work / f"warm{i}", settings)))
-                    ceiling_runs.append(parallel_loops_process(files, root, settings, args.num_cpus))
             manifest = json.loads((work / "warm0" / "manifest.json").read_text())
         finally:
             ray.shutdown()
@@ -216,11 +198,7 @@ def main() -> None:
           f"all Ray processes + driver {mem.total / mib:.0f} MiB (sums of per-process peaks)")
     print(f"Ray Data job, first run:       {cold_s:6.2f} s  {args.images / cold_s:7.1f} images/s  "
           f"(includes worker start-up and imports)")
-    ceiling_s = min(ceiling_runs)
-    print(f"{args.num_cpus} plain loops at once (1/{args.num_cpus} of the files each): {ceiling_s:6.2f} s  "
-          f"{args.images / ceiling_s:7.1f} images/s  = {loop_s / ceiling_s:.2f}x one loop, this machine's ceiling")
-    print("runs, s: loop " + " ".join(f"{t:.2f}" for t in loop_runs) + " | job " + " ".join(f"{t:.2f}" for t in job_runs)
-          + f" | {args.num_cpus} loops " + " ".join(f"{t:.2f}" for t in ceiling_runs))
+    print("runs, s: loop " + " ".join(f"{t:.2f}" for t in loop_runs) + " | job " + " ".join(f"{t:.2f}" for t in job_runs))
     print(f"ratio Ray/plain (warm): {loop_s / job_s:.2f}x   (first run: {loop_s / cold_s:.2f}x); "
           f"fastest of {args.repeats} alternating runs each")
 
