@@ -257,10 +257,11 @@ def test_registered_models_resolve_load_and_colorize(submission, mlflow_server, 
 @pytest.mark.slow
 def test_resubmission_continues_the_same_runs_and_a_failing_stage_spares_the_other(
         submission, mlflow_server, ray_pool_cluster):
-    # The colour upsampler goes on to 20 steps; the colorizer's resume fails loudly (its checkpoint was made
-    # with another architecture) and must neither stop the colour upsampler nor pass unnoticed.
+    # The colour upsampler goes on to 20 steps; the colorizer (asked to go on past its 32 to 40) fails loudly on
+    # resume (its checkpoint was made with another architecture) and must neither stop the colour upsampler nor
+    # pass unnoticed.
     sets = ["stages.spatial_upsampler.enabled=false", "stages.color_upsampler.train.max_steps=20",
-            "stages.colorizer.train.max_steps=20", "stages.colorizer.model.overrides.hidden_size=64",
+            "stages.colorizer.train.max_steps=40", "stages.colorizer.model.overrides.hidden_size=64",
             "stages.colorizer.train.max_failures=0"]
     command = f"python -m pipelines.train {submission.job_file} " + " ".join(f"--set {shlex.quote(s)}" for s in sets)
     command += "; echo exit=$?"
