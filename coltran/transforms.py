@@ -4,14 +4,10 @@ square crops, TF "area" resizing and the per-image `prepare_example` (reference 
 from __future__ import annotations
 
 import functools
+import sys
 from typing import Any
 
 import numpy as np
-
-try:  # torch is a hard dependency of the package, but these helpers only need it for tensor inputs
-    import torch
-except ImportError:  # pragma: no cover
-    torch = None
 
 GRAY_WEIGHTS = (0.2989, 0.5870, 0.1140)  # TF rgb_to_grayscale; they sum to 0.9999, so white -> 254
 _W32 = tuple(np.float32(w) for w in GRAY_WEIGHTS)
@@ -19,11 +15,21 @@ CROP_MODES = ("center", "random")
 
 
 def _is_torch(x: Any) -> bool:
+    """Whether `x` is a torch tensor. Torch is not imported here: a tensor can only exist once something has
+    imported it, so numpy-only users (the preprocessing workers) never pay its import (~225 MB per process)."""
+    torch = sys.modules.get("torch")
     return torch is not None and isinstance(x, torch.Tensor)
 
 
+def _torch():
+    """The torch module, for the tensor branches (already imported whenever they run)."""
+    import torch
+
+    return torch
+
+
 def _check_integer(x: Any, name: str) -> None:
-    dtype_ok = (not x.dtype.is_floating_point and not x.dtype.is_complex and x.dtype != torch.bool) \
+    dtype_ok = (not x.dtype.is_floating_point and not x.dtype.is_complex and x.dtype != _torch().bool) \
         if _is_torch(x) else np.issubdtype(x.dtype, np.integer)
     if not dtype_ok:
         raise TypeError(f"{name} expects an integer array or tensor, got dtype {x.dtype}")
@@ -44,6 +50,7 @@ def rgb_to_gray(rgb: Any) -> Any:
     if rgb.ndim < 1 or rgb.shape[-1] != 3:
         raise ValueError(f"rgb_to_gray expects [..., 3] RGB, got shape {tuple(rgb.shape)}")
     if _is_torch(rgb):
+        torch = _torch()
         f = rgb.to(torch.float32)
         w = [torch.tensor(float(v), dtype=torch.float32, device=rgb.device) for v in _W32]
         # Separate eager ops: no fused multiply-add, so every step rounds to float32 like TF.
@@ -88,7 +95,7 @@ def colors_to_symbols(c3: Any) -> Any:
     _check_integer(c3, "colors_to_symbols")
     if c3.ndim < 1 or c3.shape[-1] != 3:
         raise ValueError(f"colors_to_symbols expects [..., 3] colours, got shape {tuple(c3.shape)}")
-    c = c3.to(torch.int64) if _is_torch(c3) else c3.astype(np.int64)
+    c = c3.to(_torch().int64) if _is_torch(c3) else c3.astype(np.int64)
     return c[..., 0] * 64 + c[..., 1] * 8 + c[..., 2]
 
 
@@ -97,7 +104,7 @@ def symbols_to_colors(s: Any) -> Any:
     s = _as_array(s)
     _check_integer(s, "symbols_to_colors")
     parts = (s // 64, (s // 8) % 8, s % 8)
-    return torch.stack(parts, dim=-1) if _is_torch(s) else np.stack(parts, axis=-1)
+    return _torch().stack(parts, dim=-1) if _is_torch(s) else np.stack(parts, axis=-1)
 
 
 def square_crop_box(height: int, width: int, mode: str = "center",
@@ -194,6 +201,7 @@ def downsample_4x(x: Any, factor: int = 4) -> Any:
         raise ValueError(f"downsample_4x: image {h}x{w} is not divisible by factor {factor}")
     shape = (*x.shape[:ay], h // factor, factor, w // factor, factor, *x.shape[ax + 1:])
     if _is_torch(x):
+        torch = _torch()
         total = x.reshape(shape).to(torch.int64).sum(dim=(ay + 1, ay + 3))
         return torch.round(total.to(torch.float64) / factor**2).to(x.dtype)
     total = x.reshape(shape).sum(axis=(ay + 1, ay + 3), dtype=np.int64)

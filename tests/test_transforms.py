@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -247,3 +249,23 @@ def test_prepare_example_is_fast():
         T.prepare_example(img)
         times.append(time.perf_counter() - start)
     assert min(times) < 0.1, times  # ~5 ms on one idle core; a pure-Python loop would take seconds
+
+
+def test_preprocessing_never_imports_torch():
+    """The preprocessing job's task code (decode, transforms, Parquet rows) runs without importing torch, which
+    would add ~225 MB to every Ray worker; the tensor branches still work once torch is there (tests above)."""
+    code = ("import io, sys\n"
+            "import numpy as np\n"
+            "from PIL import Image\n"
+            "import pipelines.preprocess\n"
+            "from pipelines.examples import image_examples, rows_to_table\n"
+            "buf = io.BytesIO()\n"
+            "Image.fromarray(np.random.default_rng(0).integers(0, 256, (300, 400, 3), np.uint8)).save(buf, 'PNG')\n"
+            "rows = image_examples('k', buf.getvalue(), split='train', train_crops=2, seed=0, max_pixels=10**8,\n"
+            "                      min_side=8)\n"
+            "rows_to_table([{'key': 'k', 'label': None, 'split': 'train', 'source': 's', **r} for r in rows])\n"
+            "print('torch' in sys.modules)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                         cwd=Path(__file__).resolve().parents[1])
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip() == "False"
