@@ -172,7 +172,7 @@ def main() -> None:
                  include_dashboard=False, log_to_driver=False)
         try:
             with PeakRss() as mem:
-                # first job: fresh workers, so worker start-up and imports (torch via coltran) are included
+                # first job: fresh workers, so worker start-up and imports are included
                 cold_s = timed(lambda: run_job(root, work / "cold", settings))
                 # the machine is shared and its speed drifts: alternate loop and job, keep the fastest of each
                 job_runs = []
