@@ -4,7 +4,6 @@ auxiliary-head and upsampler-channel independence, and the bits/dim losses (colt
 from __future__ import annotations
 
 import math
-import time
 
 import pytest
 import torch
@@ -263,13 +262,9 @@ def test_upsampler_pixel_depends_on_every_pixel(stage):
 def test_test_preset_forward_backward_on_cpu(stage):
     model = build_model(preset(stage, "test")).train()
     batch = {**rand_batch(10, 1, 64, 64), **rand_batch(11, 1, 256, 256, "256")}
-    model.loss(batch)  # warm-up
-    wall, cpu = time.perf_counter(), time.process_time()
     loss, _ = model.loss(batch)
     loss.backward()
-    wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
-    print(f"{stage} test preset, batch 1, forward+backward: {cpu:.3f} s CPU, {wall:.3f} s wall (1 thread)")
-    assert cpu < 5.0  # a sanity bound, not a benchmark: CPU time does not count waiting for a busy machine
+    assert torch.isfinite(loss)  # its CPU time is benchmarks/unit_costs.py's business
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
 
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -238,17 +237,6 @@ def test_prepare_example_random_crop_and_gray_input():
         T.prepare_example(img, box=(10, 0, 300))
     with pytest.raises(ValueError, match="uint8"):
         T.prepare_example(img.astype(np.float32))
-
-
-def test_prepare_example_is_fast():
-    img = np.random.default_rng(6).integers(0, 256, (375, 500, 3), dtype=np.uint8)
-    T.prepare_example(img)
-    times = []
-    for _ in range(5):
-        start = time.perf_counter()
-        T.prepare_example(img)
-        times.append(time.perf_counter() - start)
-    assert min(times) < 0.1, times  # ~5 ms on one idle core; a pure-Python loop would take seconds
 
 
 def test_preprocessing_never_imports_torch():
