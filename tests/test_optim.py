@@ -47,10 +47,10 @@ def _model():
     return model
 
 
-def test_ema_starts_at_init_and_follows_the_polyak_formula():
+def test_constant_ema_starts_at_init_and_follows_the_official_polyak_formula():
     model = _model()
     init = {n: p.detach().clone() for n, p in model.named_parameters()}
-    ema = EMA(model)
+    ema = EMA(model, warmup=False)
     assert sorted(ema.shadow) == ["0.bias", "0.weight", "1.weight"]
     opt = make_optimizer([p for p in model.parameters() if p.requires_grad])
     for step in range(2):
@@ -66,7 +66,44 @@ def test_ema_starts_at_init_and_follows_the_polyak_formula():
                 torch.testing.assert_close(ema.shadow[name], want, rtol=1e-13, atol=1e-15)
                 if step == 0:
                     torch.testing.assert_close(ema.shadow[name], 0.999 * init[name] + 0.001 * p.detach())
+    assert ema.num_updates == 2 and ema.current_decay() == 0.999
 
+
+def _walk(model, steps: int, seed: int = 1):
+    """Move every parameter by a fixed random step `steps` times; yields the parameters after each move."""
+    g = torch.Generator().manual_seed(seed)
+    for _ in range(steps):
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(torch.randn(p.shape, generator=g, dtype=p.dtype))
+        yield {n: p.detach().clone() for n, p in model.named_parameters()}
+
+
+@pytest.mark.parametrize("decay", [0.999, 0.5])
+def test_ema_warmup_follows_tf_num_updates_rule_by_hand(decay):
+    model = _model()
+    shadow = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    ema = EMA(model, decay=decay)  # warm-up is the default
+    assert ema.warmup and ema.current_decay() == pytest.approx(0.1)
+    # d_n = min(decay, (1 + n) / (10 + n)) for n = 0..9, written out: with decay 0.5 the cap binds from n = 8
+    by_hand = [1 / 10, 2 / 11, 3 / 12, 4 / 13, 5 / 14, 6 / 15, 7 / 16, 8 / 17, 9 / 18, 10 / 19]
+    for n, params in enumerate(_walk(model, 10)):
+        d = min(decay, by_hand[n])
+        shadow = {name: d * value + (1 - d) * params[name] for name, value in shadow.items()}
+        ema.update(model)
+        assert ema.num_updates == n + 1
+        if n + 1 in (1, 2, 10):
+            for name, want in shadow.items():
+                torch.testing.assert_close(ema.shadow[name], want, rtol=1e-13, atol=1e-15)
+    assert ema.current_decay() == min(decay, 11 / 20)
+
+
+def test_ema_warmup_reaches_the_paper_decay_after_8990_updates_and_stays():
+    ema = EMA(_model())
+    for n, want in [(8989, 8990 / 8999), (8990, 0.999), (10**6, 0.999)]:
+        ema.load_state_dict(ema.state_dict(), num_updates=n)
+        assert ema.current_decay() == pytest.approx(want, rel=1e-15)
+    assert 8990 / 8999 < 0.999
 
 def test_ema_shadow_is_a_copy_and_swapped_into_restores_raw_weights():
     model = _model()
@@ -95,14 +132,37 @@ def test_ema_state_dict_round_trip_and_mismatches():
     ema = EMA(model)
     state = {n: t + 1 for n, t in ema.state_dict().items()}
     other = EMA(model)
-    other.load_state_dict(state)
+    other.load_state_dict(state, num_updates=0)
     state["0.weight"].zero_()  # loaded values are copies
     assert torch.equal(other.shadow["0.weight"], ema.shadow["0.weight"] + 1)
     with pytest.raises(ValueError, match=r"missing \['0.bias'\]"):
-        other.load_state_dict({n: t for n, t in ema.state_dict().items() if n != "0.bias"})
+        other.load_state_dict({n: t for n, t in ema.state_dict().items() if n != "0.bias"}, num_updates=0)
     with pytest.raises(ValueError, match=r"unexpected \['extra'\]"):
-        other.load_state_dict({**ema.state_dict(), "extra": torch.zeros(1)})
+        other.load_state_dict({**ema.state_dict(), "extra": torch.zeros(1)}, num_updates=0)
     with pytest.raises(ValueError, match=r"0.weight has shape \(3, 4\), expected \(4, 3\)"):
-        other.load_state_dict({**ema.state_dict(), "0.weight": torch.zeros(3, 4)})
+        other.load_state_dict({**ema.state_dict(), "0.weight": torch.zeros(3, 4)}, num_updates=0)
     with pytest.raises(ValueError, match="decay"):
         EMA(model, decay=1.0)
+
+
+def test_ema_update_count_round_trips_and_the_restored_average_continues_identically():
+    model = _model()
+    ema = EMA(model)
+    for _ in _walk(model, 3):
+        ema.update(model)
+    resumed = EMA(model)  # a fresh shadow (the current weights) and count 0
+    with pytest.raises(TypeError, match="num_updates"):
+        resumed.load_state_dict(ema.state_dict())  # the count is required: the warm-up depends on it
+    for bad in (-1, 2.0, True, "3"):
+        with pytest.raises(ValueError, match=f"num_updates must be an integer >= 0, got {bad!r}"):
+            resumed.load_state_dict(ema.state_dict(), num_updates=bad)
+    assert resumed.num_updates == 0
+    resumed.load_state_dict(ema.state_dict(), num_updates=ema.num_updates)
+    assert resumed.num_updates == 3 and resumed.current_decay() == ema.current_decay() == pytest.approx(4 / 13)
+    restarted = EMA(model)
+    restarted.load_state_dict(ema.state_dict(), num_updates=0)  # a lost count would restart the ramp at 0.1
+    for _ in _walk(model, 2, seed=2):
+        for e in (ema, resumed, restarted):
+            e.update(model)
+    assert all(torch.equal(resumed.shadow[n], t) for n, t in ema.shadow.items())
+    assert not torch.allclose(restarted.shadow["0.weight"], ema.shadow["0.weight"])
