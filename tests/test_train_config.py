@@ -30,7 +30,7 @@ def test_committed_paper_job_is_the_paper_setup():
         spec = job.stage(stage)
         assert spec.enabled and spec.model.preset == "full"
         assert (spec.train.batch_size, spec.train.max_steps) == (PAPER_BATCH[stage], PAPER_STEPS[stage])
-        assert (spec.train.lr, spec.train.ema_decay) == (3e-4, 0.999)
+        assert (spec.train.lr, spec.train.ema_decay, spec.train.ema_warmup) == (3e-4, 0.999, True)
         assert spec.scaling.pool == stage and spec.scaling.use_gpu and spec.scaling.gpus_per_worker == 1
         assert config_to_dict(spec.model_config(stage)) == config_to_dict(preset(stage, "full"))
     assert (PAPER_BATCH["colorizer"], PAPER_BATCH["color_upsampler"], PAPER_BATCH["spatial_upsampler"]) == \
@@ -79,6 +79,8 @@ def test_unknown_keys_are_errors_that_list_the_valid_keys(tmp_path):
     ("stages.colorizer.train.max_steps=true", r"must be an integer, got True"),
     ("stages.colorizer.enabled=1", r"stages.colorizer.enabled must be true or false, got 1"),
     ("stages.colorizer.train.lr=fast", r"stages.colorizer.train.lr must be a number, got 'fast'"),
+    ("stages.colorizer.train.ema_warmup=1", r"stages.colorizer.train.ema_warmup must be true or false, got 1"),
+    ("stages.colorizer.train.ema_warmup=constant", r"train.ema_warmup must be true or false, got 'constant'"),
     ("stages.colorizer.train.batch_size=10", r"batch_size 10 is not divisible by scaling.num_workers 4"),
     ("stages.colorizer.train.max_steps=0", r"stages.colorizer.train.max_steps must be positive, got 0"),
     ("stages.colorizer.model.preset=huge", r"size must be one of \['full', 'mid', 'test'\], got 'huge'"),
@@ -90,6 +92,16 @@ def test_unknown_keys_are_errors_that_list_the_valid_keys(tmp_path):
 def test_bad_values_name_the_key_and_the_expectation(override, message):
     with pytest.raises(ConfigError, match=message):
         load_job(data=REQUIRED, overrides=["stages.colorizer.scaling.num_workers=4", override])
+
+
+def test_ema_warmup_is_on_by_default_and_one_switch_turns_it_off(tmp_path):
+    assert all(load_job(JOBS / "train_local.yaml").stage(s).train.ema_warmup for s in PAPER_BATCH)
+    job = load_job(data=REQUIRED, overrides=["stages.colorizer.train.ema_warmup=false"])
+    assert job.stages.colorizer.train.ema_warmup is False and job.stages.color_upsampler.train.ema_warmup is True
+    assert job_from_dict(job_to_dict(job)).stages.colorizer.train.ema_warmup is False  # what a worker rebuilds
+    path = tmp_path / "job.yaml"
+    path.write_text(yaml.safe_dump({**REQUIRED, "stages": {"spatial_upsampler": {"train": {"ema_warmup": False}}}}))
+    assert load_job(path).stages.spatial_upsampler.train.ema_warmup is False
 
 
 def test_required_fields_and_malformed_overrides(tmp_path):

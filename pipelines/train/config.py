@@ -43,6 +43,7 @@ class TrainSpec:
     max_steps: int = 300_000
     lr: float = 3e-4
     ema_decay: float = 0.999
+    ema_warmup: bool = True  # decay min(ema_decay, (1+n)/(10+n)) after n updates (TF); false: constant, official
     checkpoint_every_steps: int = 0  # 0: by time only
     checkpoint_every_seconds: float = 900.0  # 0: by steps only
     eval_every_steps: int = 5000  # 0: no evaluation

@@ -51,7 +51,7 @@ def save_and_report(state: TrainState, metrics: dict, *, rank: int, world: int, 
         ray.train.report(metrics, checkpoint=None)
         return
     trainer_state = {"data": {"epoch": state.position.epoch, "batch": state.position.batch}, "rng": rng,
-                     "world_size": world}
+                     "world_size": world, "ema_updates": state.ema.num_updates}
     with tempfile.TemporaryDirectory(prefix="coltran-ckpt-") as tmp:
         directory = save_checkpoint(Path(tmp) / "checkpoint", state.model, ema_state=state.ema.state_dict(),
                                     optimizer=state.optimizer, step=state.step, trainer_state=trainer_state,
@@ -68,7 +68,10 @@ def restore(state: TrainState, config: ModelConfig, *, rank: int, world: int) ->
     with checkpoint.as_directory() as directory:
         ckpt = load_checkpoint(directory, weights="model", expected_config=config, with_training_state=True)
     state.model.load_state_dict(ckpt.model.state_dict())
-    state.ema.load_state_dict(ckpt.ema_state)
+    # A checkpoint written before the count was saved averaged one EMA update per step, so its step is its
+    # count (TF's rule counts the global step too): a long run resumes fully warm, a short one keeps warming up
+    # rather than restarting the ramp at decay 0.1, which would throw its average away.
+    state.ema.load_state_dict(ckpt.ema_state, num_updates=ckpt.trainer_state.get("ema_updates", ckpt.step))
     state.optimizer.load_state_dict(ckpt.optimizer_state)
     state.step = state.restored_from = ckpt.step
     data = ckpt.trainer_state.get("data", {})

@@ -1,6 +1,6 @@
 """The per-worker training loop of one stage on Ray Train V2 (reference sec. 5): RMSprop, EMA updated every
 step, bf16 autocast on CUDA only, upsamplers on one random channel per example, DDP across workers, periodic
-held-out evaluation with EMA weights, checkpoints through `ray.train.report`; rank 0 logs to MLflow."""
+held-out evaluation with EMA and raw weights, checkpoints through `ray.train.report`; rank 0 logs to MLflow."""
 
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ from coltran.models import build_model, count_parameters
 from coltran.optim import EMA, make_optimizer
 from pipelines.s3 import resolve_path
 from pipelines.tracking import RunLogger
-from pipelines.train.config import job_from_dict
+from pipelines.train.config import TrainSpec, job_from_dict
 from pipelines.train.data import eval_batches, train_batches
 from pipelines.train.evaluation import evaluate, sample_grid
 from pipelines.train.state import TrainState, replica_spread, restore, save_and_report
@@ -76,9 +76,7 @@ def train_loop(config: dict) -> None:
         torch.cuda.set_device(device)  # NCCL collectives on objects use the current device
     torch.manual_seed(spec.train.seed)  # the same initial weights on every rank
     model = build_model(model_cfg).to(device)
-    state = TrainState(model=model, ema=EMA(model, spec.train.ema_decay),
-                       optimizer=make_optimizer(model.parameters(), spec.train.lr),
-                       generator=torch.Generator().manual_seed(spec.train.seed * 7919 + rank + 1))
+    state = initial_state(model, spec.train, rank)
     restore(state, model_cfg, rank=rank, world=world)
     ddp = ray.train.torch.prepare_model(StageLoss(model, random_channel=stage != "colorizer"))
     logger = RunLogger(config["mlflow_run_id"], config["tracking_uri"]) if rank == 0 else None
@@ -91,6 +89,14 @@ def train_loop(config: dict) -> None:
     loop.run(ray.train.get_dataset_shard("train"), per_worker)
     if logger is not None:
         logger.tags({"coltran.train_finished_at": time.time(), "coltran.final_step": state.step})
+
+
+def initial_state(model: nn.Module, train: TrainSpec, rank: int) -> TrainState:
+    """Step-0 state: EMA from the initial weights (warming up unless `train.ema_warmup` is false), RMSprop, and
+    the rank's generator of upsampler channels."""
+    return TrainState(model=model, ema=EMA(model, train.ema_decay, warmup=train.ema_warmup),
+                      optimizer=make_optimizer(model.parameters(), train.lr),
+                      generator=torch.Generator().manual_seed(train.seed * 7919 + rank + 1))
 
 
 def _start_tags(logger: RunLogger | None, state: TrainState, world: int, device: torch.device) -> None:
