@@ -1,6 +1,7 @@
-"""Evaluation during training, with the EMA weights (reference sec. 5): held-out bits/dim (all three channels
-for the upsamplers) and a sample grid: colorizer samples for fixed held-out gray images, the upsamplers'
-outputs from ground-truth inputs. Grids: one column per image, rows gray or input | output | truth."""
+"""Evaluation during training (reference sec. 5): held-out bits/dim (all three channels for the upsamplers) with
+the EMA weights and, beside it, the raw ones; a sample grid with the EMA weights: colorizer samples for fixed
+held-out gray images, the upsamplers' outputs from ground-truth inputs. Grids: one column per image, rows gray or
+input | output | truth."""
 
 from __future__ import annotations
 
@@ -18,21 +19,32 @@ from coltran.transforms import from_3bit, to_3bit, upsample_4x
 @torch.no_grad()
 def evaluate(model: torch.nn.Module, ema: EMA, batches: list[dict],
              autocast: Callable[[], AbstractContextManager]) -> dict:
-    """Mean held-out metrics over `batches` with the EMA weights, keyed `eval/<metric>` (loss = bits/dim)."""
+    """Mean held-out metrics over `batches` with the EMA weights, keyed `eval/<metric>` (loss = bits/dim), and
+    the raw weights' bits/dim as `eval/bits_per_dim_raw`, so a log shows which of the two is better so far."""
+    with _eval_mode(model):
+        raw = _mean_metrics(model, batches, autocast)
+        with ema.swapped_into(model):
+            averaged = _mean_metrics(model, batches, autocast)
+    out = {f"eval/{key}": value for key, value in averaged.items()}
+    out["eval/bits_per_dim"] = averaged["loss"]
+    out["eval/bits_per_dim_raw"] = raw["loss"]
+    return out
+
+
+def _mean_metrics(model: torch.nn.Module, batches: list[dict],
+                  autocast: Callable[[], AbstractContextManager]) -> dict[str, float]:
+    """Example-weighted means of the model's loss metrics over `batches`, with its current weights."""
     sums: dict[str, float] = {}
     count, device = 0, next(model.parameters()).device
-    with ema.swapped_into(model), _eval_mode(model):
-        for batch in batches:
-            batch = {key: value.to(device) for key, value in batch.items()}
-            with autocast():
-                _, metrics = model.loss(batch, random_channel=False)
-            n = len(next(iter(batch.values())))
-            for key, value in metrics.items():
-                sums[key] = sums.get(key, 0.0) + float(value) * n
-            count += n
-    out = {f"eval/{key}": value / count for key, value in sums.items()}
-    out["eval/bits_per_dim"] = out["eval/loss"]
-    return out
+    for batch in batches:
+        batch = {key: value.to(device) for key, value in batch.items()}
+        with autocast():
+            _, metrics = model.loss(batch, random_channel=False)
+        n = len(next(iter(batch.values())))
+        for key, value in metrics.items():
+            sums[key] = sums.get(key, 0.0) + float(value) * n
+        count += n
+    return {key: value / count for key, value in sums.items()}
 
 
 @torch.no_grad()
