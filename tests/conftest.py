@@ -1,5 +1,6 @@
 """Shared session fixtures: a real MLflow server, a moto S3 server and a token-authenticated Ray pool
-cluster (see services.py and ray_pool.py), all on loopback, started on first use and reaped at the end."""
+cluster (see services.py and ray_pool.py), all on loopback, started on first use and reaped at the end; the one
+training submission on them (cluster_flow.py); test order (fast tests first) and the shared-data rule."""
 
 from __future__ import annotations
 
@@ -8,8 +9,35 @@ import subprocess
 from collections.abc import Iterator
 
 import pytest
+from cluster_flow import Flow, run_flow
 from ray_pool import RayPoolCluster, connected_driver, run_ray_pool_cluster
 from services import MlflowServer, S3Server, run_mlflow_server, run_s3_server, start_watchdog
+from shared_data import DATA, SAMPLE, in_ci, require_shared_data
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "shared_data(*paths): needs these files of ../shared/data; skips "
+                                       "locally, fails under CI=true")
+    config.addinivalue_line("markers", "last: runs after every other test (it changes shared session state)")
+
+
+def pytest_report_header(config):
+    found = "found" if DATA.is_dir() else "MISSING (tests that need it " + ("fail)" if in_ci() else "skip)")
+    return f"shared test data {DATA}: {found}"
+
+
+def pytest_collection_modifyitems(session, config, items):
+    """Fast tests first, so model and transform failures show in the first minute; then the tests that start
+    Ray; then those marked `last`. The sort is stable: within each group the collection order stays."""
+    def group(item) -> int:
+        return 2 if item.get_closest_marker("last") else 1 if item.get_closest_marker("ray") else 0
+    items.sort(key=group)
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_setup(item):
+    for mark in item.iter_markers("shared_data"):
+        require_shared_data(*mark.args)
 
 
 @pytest.fixture(scope="session")
@@ -56,3 +84,10 @@ def ray_pool_driver(ray_pool_cluster) -> Iterator[RayPoolCluster]:
     """This test process connected as a driver to the pool cluster (token auth set up), disconnected after."""
     with connected_driver(ray_pool_cluster) as cluster:
         yield cluster
+
+
+@pytest.fixture(scope="session")
+def cluster_flow(ray_pool_cluster, mlflow_server, tmp_path_factory) -> Flow:
+    """The session's one training submission (preprocess, train, batch colorize) on the pool cluster."""
+    require_shared_data(SAMPLE)
+    return run_flow(ray_pool_cluster, mlflow_server, tmp_path_factory.mktemp("cluster-flow"))

@@ -13,8 +13,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
-SAMPLE = DATA / "imagenet-sample-500"
+from shared_data import DATA, SAMPLE, require_shared_data  # noqa: F401 (re-exported for the test modules)
 
 
 @dataclass

@@ -18,6 +18,7 @@ import pytest
 from corpus import build_bad_image_corpus, build_hostile_tar, build_hostile_zip
 from layouts import SAMPLE, env_vars, local_ray
 from PIL import Image
+from shared_data import needs_shared_data
 
 from coltran.chroma import luma
 from coltran.cli import main as coltran_main
@@ -28,7 +29,7 @@ from pipelines.batch_outputs import image_seed, output_relpath, put_bytes, sourc
 from pipelines.batch_settings import ConfigError, load_settings
 from pipelines.s3 import s3_filesystem
 
-pytestmark = pytest.mark.skipif(not SAMPLE.is_dir(), reason=f"test images not found at {SAMPLE}")
+pytestmark = needs_shared_data(SAMPLE)
 READER_REASON = {"unsafe_path": "unsafe_path", "link": "link", "duplicate": "duplicate_name",
                  "bad_name": "non_utf8_name", "special": "special_file"}
 ONE_PER_BATCH = [f"--set={stage}.batch_size=1" for stage in ("prepare", "colorizer", "color_upsampler",
@@ -305,10 +306,11 @@ def test_models_from_the_registry_are_pinned_and_loaded_per_stage(tmp_path, mode
     monkeypatch.setenv("COLTRAN_MODEL_CACHE", str(tmp_path / "cache"))
     client = MlflowClient(mlflow_server.uri)
     run_id = client.create_run(client.create_experiment("batch-test")).info.run_id
-    for stage, name in REGISTERED_NAMES.items():
-        register_stage(models / stage, run_id=run_id, name=name, alias="production", tracking_uri=mlflow_server.uri)
+    # the session's MLflow server is shared: other tests may hold versions of the default names already
+    versions = {stage: register_stage(models / stage, run_id=run_id, name=name, alias="production",
+                                      tracking_uri=mlflow_server.uri) for stage, name in REGISTERED_NAMES.items()}
     resolved = resolve_stage_models("models:/@production")
-    assert {s: m.ref for s, m in resolved.items()} == {s: f"models:/{n}/1" for s, n in REGISTERED_NAMES.items()}
+    assert {s: m.ref for s, m in resolved.items()} == {s: f"models:/{n}/{versions[s]}" for s, n in REGISTERED_NAMES.items()}
     assert all(m.label.endswith("(untrained)") for m in resolved.values())
     settings = load_settings(data={"sources": ["x"], "models": "models:/@production", "out": "o"})
     actor = STAGE_ACTORS["colorizer"](**stage_actor_kwargs(settings, "colorizer", resolved, "cpu"))

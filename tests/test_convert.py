@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from shared_data import needs_shared_data
 
 from coltran.checkpoint import load_checkpoint
 from coltran.configs import apply_overrides, config_from_dict, preset
@@ -20,7 +21,7 @@ from coltran.nn import AxialAttention
 from coltran.optim import make_optimizer
 
 TEST_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "official-coltran-tf" / "test"
-needs_data = pytest.mark.skipif(not TEST_DATA.is_dir(), reason=f"official TF fixtures not found at {TEST_DATA}")
+needs_data = needs_shared_data(TEST_DATA)
 FOLDERS = {"colorizer": "colorizer", "color_upsampler": "color_upsampler",
            "spatial_upsampler_64": "spatial_upsampler", "spatial_upsampler_256": "spatial_upsampler"}
 VELOCITY = re.compile(r"RMSprop velocity of trainable #(\d+) (.*):0$")

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image, ImageFilter
+from shared_data import needs_shared_data
 
 from coltran.imageio import decode_image
 from coltran.metrics import (
@@ -35,8 +36,8 @@ from coltran.transforms import prepare_example, rgb_to_gray
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 SAMPLE = DATA / "imagenet-sample-500"
 TINY = DATA / "tiny-imagenet-200-val.tar"
-needs_sample = pytest.mark.skipif(not SAMPLE.is_dir(), reason=f"{SAMPLE} is not available")
-needs_tiny = pytest.mark.skipif(not TINY.is_file(), reason=f"{TINY} is not available")
+needs_sample = needs_shared_data(SAMPLE)
+needs_tiny = needs_shared_data(TINY)
 SET_SIZE = 16  # images per set: Inception costs ~0.3-1 s per image on the shared CPU
 
 

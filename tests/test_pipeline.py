@@ -5,6 +5,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
+from shared_data import needs_shared_data
 
 from coltran.checkpoint import CheckpointError
 from coltran.chroma import luma, transfer_chroma
@@ -13,7 +14,7 @@ from coltran.init_models import init_models
 from coltran.pipeline import ColTranPipeline
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "imagenet-sample-500"
-needs_data = pytest.mark.skipif(not DATA.is_dir(), reason=f"{DATA} is not available")
+needs_data = needs_shared_data(DATA)
 
 
 @pytest.fixture(scope="module")

@@ -14,6 +14,7 @@ import pytest
 import ray
 from corpus import build_bad_image_corpus, build_hostile_tar, build_hostile_zip
 from layouts import SAMPLE, build_layouts, local_ray, moto_s3
+from shared_data import needs_shared_data
 
 from coltran.imageio import decode_image
 from coltran.transforms import prepare_example, square_crop_box
@@ -28,7 +29,7 @@ from pipelines.preprocess import (
     run_preprocess,
 )
 
-pytestmark = [pytest.mark.ray, pytest.mark.skipif(not SAMPLE.is_dir(), reason=f"test images not found at {SAMPLE}")]
+pytestmark = [pytest.mark.ray, needs_shared_data(SAMPLE)]
 REPO = Path(__file__).resolve().parents[1]
 SETTINGS = {"heldout_fraction": 0.25, "train_crops": 2, "seed": 7, "min_rows_per_file": 8, "batch_size": 4}
 ARCHIVE_REASON = {"unsafe_path": "unsafe_path", "link": "link", "duplicate": "duplicate_name",

@@ -16,6 +16,7 @@ import requests
 from corpus import build_bad_image_corpus
 from PIL import Image
 from services import free_port
+from shared_data import needs_shared_data
 
 from coltran.imageio import decode_image
 from coltran.init_models import init_models
@@ -81,7 +82,7 @@ def _assert_error(response: requests.Response, status: int, error: str | None = 
     return body
 
 
-@pytest.mark.skipif(not PHOTO.exists(), reason=f"test photo {PHOTO} is absent (see /work/shared/data)")
+@needs_shared_data(PHOTO)
 def test_photo_256_json_samples_multipart_and_reproducible_seeds(served):
     data = PHOTO.read_bytes()
     response = _post(served, files={"file": ("bird.jpg", data, "image/jpeg")},
@@ -102,7 +103,7 @@ def test_photo_256_json_samples_multipart_and_reproducible_seeds(served):
     np.testing.assert_array_equal(np.asarray(_image(again.content)), samples[0])
 
 
-@pytest.mark.skipif(not PHOTO.exists(), reason=f"test photo {PHOTO} is absent (see /work/shared/data)")
+@needs_shared_data(PHOTO)
 def test_concurrent_requests_are_batched_and_come_back_at_their_own_size(served, tmp_path):
     """8 concurrent requests: a real photo (raw body, PNG) and 7 odd but valid images (CMYK, EXIF-rotated,
     16-bit, palette, float TIFF...; JPEG out). Each comes back at its own (oriented) size, and the colorizer

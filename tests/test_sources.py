@@ -10,12 +10,13 @@ import pyarrow.fs as pafs
 import pytest
 from corpus import build_hostile_tar, build_hostile_zip
 from layouts import SAMPLE, build_layouts, local_ray, moto_s3
+from shared_data import needs_shared_data
 
 from pipelines.archives import name_problem
 from pipelines.labels import parse_labels
 from pipelines.sources import plan_sources, read_file_bytes, read_sources, split_error
 
-pytestmark = pytest.mark.skipif(not SAMPLE.is_dir(), reason=f"test images not found at {SAMPLE}")
+pytestmark = needs_shared_data(SAMPLE)
 # What tests/corpus.py calls each rejection, and the reason the reader gives it.
 CORPUS_REASON = {"unsafe_path": "unsafe_path", "link": "link", "duplicate": "duplicate_name",
                  "bad_name": "non_utf8_name", "special": "special_file"}

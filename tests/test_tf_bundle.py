@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from shared_data import needs_shared_data, require_shared_data
 
 from coltran.convert._sstable import _crc_serial, crc32c, mask_crc, varint
 from coltran.convert.tf_bundle import (
@@ -19,7 +20,7 @@ from coltran.convert.tf_bundle import (
 TEST_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "official-coltran-tf" / "test"
 FOLDERS = sorted(p.parent.name for p in TEST_DATA.glob("*/ckpt")) or ["(fixtures absent)"]
 GRAPH = "_CHECKPOINTABLE_OBJECT_GRAPH"
-needs_data = pytest.mark.skipif(not TEST_DATA.is_dir(), reason=f"fixtures not found at {TEST_DATA}")
+needs_data = needs_shared_data(TEST_DATA)
 
 
 def _variables(path: Path) -> dict[str, list[str]]:
@@ -88,8 +89,7 @@ def test_legacy_optimizer_checkpoint():
 
 @pytest.fixture
 def ckpt_copy(tmp_path) -> Path:
-    if not TEST_DATA.is_dir():
-        pytest.skip(f"fixtures not found at {TEST_DATA}")
+    require_shared_data(TEST_DATA)
     target = tmp_path / "ckpt"
     shutil.copytree(TEST_DATA / "color_upsampler" / "ckpt", target)
     for path in target.iterdir():

@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from shared_data import needs_shared_data
 
 from coltran.checkpoint import load_checkpoint
 from coltran.configs import config_from_dict, preset
@@ -16,7 +17,7 @@ from coltran.losses import bits_per_dim
 from coltran.transforms import colors_to_symbols, from_3bit, rgb_to_gray, symbols_to_colors, to_3bit
 
 TEST_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "official-coltran-tf" / "test"
-pytestmark = pytest.mark.skipif(not TEST_DATA.is_dir(), reason=f"official TF fixtures not found at {TEST_DATA}")
+pytestmark = needs_shared_data(TEST_DATA)
 LOGIT_TOL = 1e-4  # absolute, on logits and their logsumexp / max / gap / label value
 PROBA_TOL = 1e-5  # absolute, on softmax probabilities
 LOSS_TOL = 1e-5  # bits per dim

@@ -1,16 +1,14 @@
 """Training the three stages at once on a real Ray cluster with three labelled pools, tracked by a real MLflow
-server: one `ray job submit`-style job preprocesses 16 real images and trains every stage (`test` presets) on
-its own pool; a worker of the 2-worker stage is SIGKILLed mid-run and must resume. A second submission of
-the same run name continues the same runs, and a stage whose resume fails does not stop the other one."""
+server: the session's training submission (cluster_flow.py: 16 real photos, every stage on its own pool, a worker
+of the 2-worker stage SIGKILLed mid-run) checked from its logs, checkpoints and MLflow runs. A second submission
+of the same run name continues the same runs, and a stage whose resume fails does not stop the other one."""
 
 from __future__ import annotations
 
 import contextlib
 import json
 import shlex
-import shutil
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import mlflow
@@ -20,6 +18,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import yaml
+from cluster_flow import EXPERIMENT, KILL_STEP, NAMES, PLAN, RUN, STAGES
 from PIL import Image
 from ray.data.dataset import MaterializedDataset
 from services import free_port
@@ -37,52 +36,18 @@ from pipelines.tracking import STAGE_TAG, resolve_models
 from pipelines.train.data import DataPosition, open_train_dataset, train_batches
 from pipelines.train.evaluation import evaluate, sample_grid
 from pipelines.train.state import replica_spread
-from pipelines.train.worker import FAULT_ENV, StageLoss
+from pipelines.train.worker import StageLoss
 
 pytestmark = pytest.mark.timeout(1800)
 
-IMAGES = Path(__file__).resolve().parents[2] / "shared" / "data" / "imagenet-sample-500"
-STAGES = ("colorizer", "color_upsampler", "spatial_upsampler")
-# own registered names: other test modules register the default names on the same session MLflow server
-NAMES = {"colorizer": "pools-colorizer", "color_upsampler": "pools-color-upsampler",
-         "spatial_upsampler": "pools-spatial-upsampler"}
-RUN = "pools-run"
-# stage: (workers, global batch, steps, checkpoint every) -- the colour upsampler runs DDP on 2 workers, whose
-# start-up takes ~20 s longer here; the colorizer's 32 steps keep its step loop running well past that
-PLAN = {"colorizer": (1, 4, 32, 8), "color_upsampler": (2, 4, 16, 4), "spatial_upsampler": (1, 2, 24, 8)}
-LR = {"colorizer": 3e-3, "color_upsampler": 3e-3, "spatial_upsampler": 5e-3}  # overfit a few images fast
-KILL_STEP = 6  # rank 0 of the colour upsampler dies here on its first attempt; it resumes from step 4
-LOG_EVERY = 2
 
-
-def _stage(stage: str) -> dict:
-    workers, batch, steps, every = PLAN[stage]
-    return {"model": {"preset": "test"},
-            "scaling": {"pool": stage, "num_workers": workers, "use_gpu": False, "cpus_per_worker": 1},
-            "train": {"batch_size": batch, "max_steps": steps, "lr": LR[stage], "checkpoint_every_steps": every,
-                      "checkpoint_every_seconds": 0, "eval_every_steps": steps, "eval_batches": 1,
-                      "sample_images": 2, "log_every_steps": LOG_EVERY, "keep_checkpoints": 2, "max_failures": 1}}
-
-
-@dataclass
-class Submission:
-    root: Path
-    job_file: Path
-    storage: Path
-    models_dir: Path
-    dataset: Path
-    logs: str
-    seconds: float
-
-
-def _submit(cluster, entrypoint: str, log: Path, env: dict | None = None, timeout: float = 1200) -> tuple[str, float]:
+def _submit(cluster, entrypoint: str, log: Path, timeout: float = 1200) -> tuple[str, float]:
     """Submit through the job API as a user does; the job's whole log is kept in `log` for diagnosis."""
     start = time.monotonic()
     client = cluster.job_client()
     # RAY_ADDRESS for every process of the job: Ray Train's helper actors otherwise auto-detect the cluster and
     # fail when other Ray instances run on the same machine (as on a shared test box).
-    env = {"RAY_ADDRESS": cluster.address, **(env or {})}
-    job_id = client.submit_job(entrypoint=entrypoint, runtime_env={"env_vars": env})
+    job_id = client.submit_job(entrypoint=entrypoint, runtime_env={"env_vars": {"RAY_ADDRESS": cluster.address}})
     try:
         logs = cluster.wait_job(job_id, timeout=timeout)
     finally:
@@ -90,33 +55,9 @@ def _submit(cluster, entrypoint: str, log: Path, env: dict | None = None, timeou
     return logs, time.monotonic() - start
 
 
-@pytest.fixture(scope="module")
-def submission(ray_pool_cluster, mlflow_server, tmp_path_factory) -> Submission:
-    if not IMAGES.is_dir():
-        pytest.skip(f"test images not found at {IMAGES}")
-    root = tmp_path_factory.mktemp("train")
-    source = root / "images"
-    source.mkdir()
-    for path in sorted(IMAGES.glob("*.JPEG"))[:16]:
-        shutil.copy(path, source / path.name)
-    job = {"run_name": RUN, "storage_path": str(root / "runs"), "dataset": str(root / "data"),
-           "models_dir": str(root / "models"),
-           "mlflow": {"tracking_uri": mlflow_server.uri, "experiment": "train-test", "alias": "candidate",
-                      "registered_models": NAMES},
-           "stages": {stage: _stage(stage) for stage in STAGES}}
-    job_file = root / "train.yaml"
-    job_file.write_text(yaml.safe_dump(job, sort_keys=False))
-    preprocess = (f"coltran preprocess {source} {root / 'data'} --heldout-fraction 0.25 --train-crops 8 "
-                  "--min-rows-per-file 8")
-    logs, seconds = _submit(ray_pool_cluster, f"{preprocess} && python -m pipelines.train {job_file}",
-                            root / "job.log", {FAULT_ENV: f"color_upsampler:{KILL_STEP}"})
-    print(f"preprocess + training job: {seconds:.1f} s")
-    return Submission(root, job_file, root / "runs", root / "models", root / "data", logs, seconds)
-
-
 def _runs(mlflow_server):
     client = mlflow_server.client()
-    exp = client.get_experiment_by_name("train-test")
+    exp = client.get_experiment_by_name(EXPERIMENT)
     parents = client.search_runs([exp.experiment_id], "tags.`coltran.kind` = 'submission'")
     assert len(parents) == 1, "a re-submission must reuse the parent run"
     children = client.search_runs([exp.experiment_id], f"tags.`mlflow.parentRunId` = '{parents[0].info.run_id}'")
@@ -129,16 +70,16 @@ def _history(client, run, key: str) -> list[tuple[int, float]]:
 
 @pytest.mark.ray
 @pytest.mark.slow
-def test_job_trained_every_stage_and_said_so(submission):
+def test_job_trained_every_stage_and_said_so(cluster_flow):
     for stage in STAGES:
-        assert f"stage {stage}: ok at step {PLAN[stage][2]}" in submission.logs
-    manifest = json.loads((submission.dataset / "manifest.json").read_text())
+        assert f"stage {stage}: ok at step {PLAN[stage][2]}" in cluster_flow.logs["train"]
+    manifest = json.loads((cluster_flow.dataset / "manifest.json").read_text())
     assert manifest["splits"]["heldout"]["images"] >= 2 and manifest["splits"]["train"]["images"] >= 8
 
 
 @pytest.mark.ray
 @pytest.mark.slow
-def test_stages_ran_concurrently_each_on_its_own_pool(submission, mlflow_server, ray_pool_cluster):
+def test_stages_ran_concurrently_each_on_its_own_pool(cluster_flow, mlflow_server, ray_pool_cluster):
     client, _, runs, _ = _runs(mlflow_server)
     windows = {}
     for stage, run in runs.items():
@@ -159,7 +100,7 @@ def test_stages_ran_concurrently_each_on_its_own_pool(submission, mlflow_server,
 
 @pytest.mark.ray
 @pytest.mark.slow
-def test_loss_falls_when_overfitting_a_few_images(submission, mlflow_server):
+def test_loss_falls_when_overfitting_a_few_images(cluster_flow, mlflow_server):
     client, _, runs, _ = _runs(mlflow_server)
     for stage, run in runs.items():
         losses = [value for _, value in _history(client, run, "loss")]  # window means, every LOG_EVERY steps
@@ -172,29 +113,29 @@ def test_loss_falls_when_overfitting_a_few_images(submission, mlflow_server):
 
 @pytest.mark.ray
 @pytest.mark.slow
-def test_checkpoints_hold_model_ema_optimizer_step_data_position_and_rng(submission):
+def test_checkpoints_hold_model_ema_optimizer_step_data_position_and_rng(cluster_flow):
     for stage in STAGES:
         workers, batch, steps, every = PLAN[stage]
-        found = sorted(p for p in (submission.storage / f"{RUN}-{stage}").glob("checkpoint_*") if p.is_dir())
+        found = sorted(p for p in (cluster_flow.storage / f"{RUN}-{stage}").glob("checkpoint_*") if p.is_dir())
         assert 1 <= len(found) <= 2, f"keep_checkpoints=2 retention broken for {stage}: {found}"
         ckpt = load_checkpoint(found[-1], weights="model", with_training_state=True, stage=stage)
         assert ckpt.step == steps and ckpt.optimizer_state and ckpt.ema_state
         state = ckpt.trainer_state
         assert state["world_size"] == workers and len(state["rng"]) == workers
-        rows = pq.read_table(submission.dataset / "train", columns=["key"]).num_rows
+        rows = pq.read_table(cluster_flow.dataset / "train", columns=["key"]).num_rows
         per_epoch = (rows // workers) // (batch // workers)  # equal shards, whole batches only
         assert state["data"]["epoch"] * per_epoch + state["data"]["batch"] == steps  # batches consumed
-        exported = load_checkpoint(submission.models_dir / stage, stage=stage)
+        exported = load_checkpoint(cluster_flow.models_dir / stage, stage=stage)
         assert exported.step == steps
 
 
 @pytest.mark.ray
 @pytest.mark.slow
-def test_killed_worker_resumed_from_its_checkpoint_in_the_same_mlflow_run(submission, mlflow_server):
+def test_killed_worker_resumed_from_its_checkpoint_in_the_same_mlflow_run(cluster_flow, mlflow_server):
     client, _, runs, children = _runs(mlflow_server)
     assert sorted(r.data.tags[STAGE_TAG] for r in children) == sorted(STAGES)  # one child run per stage
     run = runs["color_upsampler"]
-    marker = submission.storage / f"{RUN}-color_upsampler.fault-injected"
+    marker = cluster_flow.storage / f"{RUN}-color_upsampler.fault-injected"
     assert marker.read_text().strip() == f"killed at step {KILL_STEP}"
     assert run.data.tags["coltran.restored_from_step"] == "4"  # the last checkpoint before the kill
     assert run.data.tags["coltran.final_step"] == "16" and run.info.status == "FINISHED"
@@ -205,12 +146,12 @@ def test_killed_worker_resumed_from_its_checkpoint_in_the_same_mlflow_run(submis
 
 @pytest.mark.ray
 @pytest.mark.slow
-def test_mlflow_holds_params_metrics_images_and_config(submission, mlflow_server):
+def test_mlflow_holds_params_metrics_images_and_config(cluster_flow, mlflow_server):
     client, parent, runs, _ = _runs(mlflow_server)
     assert parent.data.params["stages.color_upsampler.scaling.num_workers"] == "2"
     assert parent.data.params["mlflow.alias"] == "candidate"
     assert parent.info.status == "FINISHED"
-    resolved = client.download_artifacts(parent.info.run_id, "config/job_resolved.yaml", str(submission.root))
+    resolved = client.download_artifacts(parent.info.run_id, "config/job_resolved.yaml", str(cluster_flow.root))
     assert yaml.safe_load(Path(resolved).read_text())["stages"]["spatial_upsampler"]["train"]["max_steps"] == PLAN["spatial_upsampler"][2]
     for stage, run in runs.items():
         assert run.data.params["model_config.hidden_size"] == "32"
@@ -221,7 +162,7 @@ def test_mlflow_holds_params_metrics_images_and_config(submission, mlflow_server
         assert 0 < run.data.metrics["eval/bits_per_dim"] < 10
         images = [a.path for a in client.list_artifacts(run.info.run_id, "images")]
         assert images, f"{stage} logged no sample grid"
-    grid = client.download_artifacts(runs["colorizer"].info.run_id, "images", str(submission.root / "grids"))
+    grid = client.download_artifacts(runs["colorizer"].info.run_id, "images", str(cluster_flow.root / "grids"))
     pngs = sorted(Path(grid).rglob("*.png"))
     assert pngs
     assert Image.open(pngs[0]).size == (2 * 64, 3 * 64)  # 2 images x (gray, sample, truth)
@@ -229,7 +170,7 @@ def test_mlflow_holds_params_metrics_images_and_config(submission, mlflow_server
 
 @pytest.mark.ray
 @pytest.mark.slow
-def test_registered_models_resolve_load_and_colorize(submission, mlflow_server, tmp_path):
+def test_registered_models_resolve_load_and_colorize(cluster_flow, mlflow_server, tmp_path):
     client = mlflow_server.client()
     for stage in STAGES:
         assert client.get_model_version_by_alias(NAMES[stage], "candidate").version
@@ -239,7 +180,7 @@ def test_registered_models_resolve_load_and_colorize(submission, mlflow_server, 
                          tracking_uri=mlflow_server.uri)
     ckpt = load_checkpoint(one, stage="colorizer")
     assert ckpt.step == PLAN["colorizer"][2] and ckpt.meta["registered_name"] == NAMES["colorizer"]
-    heldout = pq.read_table(submission.dataset / "heldout")
+    heldout = pq.read_table(cluster_flow.dataset / "heldout")
     gray = read_tensor_column(heldout, "gray_64")[:1]
     colors = sample_colorizer(ckpt.model, torch.from_numpy(gray), seeds=[0]).colors3
     assert colors.shape == (1, 64, 64, 3) and int(colors.max()) <= 7
@@ -255,17 +196,21 @@ def test_registered_models_resolve_load_and_colorize(submission, mlflow_server, 
 
 @pytest.mark.ray
 @pytest.mark.slow
+@pytest.mark.last  # it moves the session flow's runs on (and fails one): every other reader of them runs first
 def test_resubmission_continues_the_same_runs_and_a_failing_stage_spares_the_other(
-        submission, mlflow_server, ray_pool_cluster):
+        cluster_flow, mlflow_server, ray_pool_cluster):
     # The colour upsampler goes on to 20 steps; the colorizer (asked to go on past its 32 to 40) fails loudly on
     # resume (its checkpoint was made with another architecture) and must neither stop the colour upsampler nor
     # pass unnoticed.
     sets = ["stages.spatial_upsampler.enabled=false", "stages.color_upsampler.train.max_steps=20",
             "stages.colorizer.train.max_steps=40", "stages.colorizer.model.overrides.hidden_size=64",
             "stages.colorizer.train.max_failures=0"]
-    command = f"python -m pipelines.train {submission.job_file} " + " ".join(f"--set {shlex.quote(s)}" for s in sets)
+    command = f"python -m pipelines.train {cluster_flow.job_file} " + " ".join(f"--set {shlex.quote(s)}" for s in sets)
     command += "; echo exit=$?"
-    logs, seconds = _submit(ray_pool_cluster, command, submission.root / "resubmission.log")
+    client = mlflow_server.client()
+    name = NAMES["color_upsampler"]
+    before = {v.version for v in client.search_model_versions(f"name = '{name}'")}  # other tests register it too
+    logs, seconds = _submit(ray_pool_cluster, command, cluster_flow.root / "resubmission.log")
     print(f"re-submission: {seconds:.1f} s")
     assert "exit=1" in logs and "stage(s) colorizer failed" in logs and "CheckpointError" in logs
     assert "stage color_upsampler: ok at step 20" in logs
@@ -276,19 +221,19 @@ def test_resubmission_continues_the_same_runs_and_a_failing_stage_spares_the_oth
     assert _history(client, up, "loss")[-1][0] == 20
     assert runs["colorizer"].info.status == "FAILED" and parent.info.status == "FAILED"
     assert parent.data.tags["coltran.status.colorizer"] == "failed"
-    versions = client.search_model_versions(f"name = '{NAMES['color_upsampler']}'")
-    assert len(versions) == 2
-    assert client.get_model_version_by_alias(NAMES["color_upsampler"], "candidate").version == "2"
+    new = {v.version for v in client.search_model_versions(f"name = '{name}'")} - before
+    assert len(new) == 1, f"the re-submission registered {sorted(new)} of {name}"
+    assert client.get_model_version_by_alias(name, "candidate").version == new.pop()
 
 
 @pytest.mark.ray
-def test_small_training_splits_are_materialised_once(submission, ray_pool_driver):
-    rows = pq.read_table(submission.dataset / "train", columns=["key"]).num_rows
-    cached = open_train_dataset(str(submission.dataset), "spatial_upsampler", "train", cache_below_mb=512)
+def test_small_training_splits_are_materialised_once(cluster_flow, ray_pool_driver):
+    rows = pq.read_table(cluster_flow.dataset / "train", columns=["key"]).num_rows
+    cached = open_train_dataset(str(cluster_flow.dataset), "spatial_upsampler", "train", cache_below_mb=512)
     assert isinstance(cached, MaterializedDataset) and cached.count() == rows
     assert cached.columns() == ["gray_256", "rgb_256", "rgb_64"]
     per_row_mb = (256 * 256 * 4 + 64 * 64 * 3) / 1e6
-    streamed = open_train_dataset(str(submission.dataset), "spatial_upsampler", "train",
+    streamed = open_train_dataset(str(cluster_flow.dataset), "spatial_upsampler", "train",
                                   cache_below_mb=per_row_mb * (rows - 1))  # one row over the limit
     assert not isinstance(streamed, MaterializedDataset) and streamed.count() == rows
 

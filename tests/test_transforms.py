@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from shared_data import require_shared_data
 
 from coltran import transforms as T
 
@@ -17,8 +18,7 @@ FIXTURE = Path(__file__).resolve().parents[2] / "shared" / "data" / "official-co
 
 @pytest.fixture(scope="module")
 def tf():
-    if not FIXTURE.exists():
-        pytest.skip(f"official TF preprocessing fixture not found at {FIXTURE}")
+    require_shared_data(FIXTURE)
     with np.load(FIXTURE) as data:
         return {k: data[k] for k in data.files}
 

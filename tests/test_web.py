@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 from services import VENV_BIN, free_port, log_tail, service_env, stop_marked, wait_until
+from shared_data import in_ci, needs_shared_data
 
 from coltran.imageio import decode_image
 from coltran.init_models import init_models
@@ -24,9 +25,9 @@ ALL_LOADED = """n => { const imgs = [...document.querySelectorAll('#results img'
     return imgs.length === n && imgs.every(i => i.complete && i.naturalWidth > 0); }"""
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow,
-              pytest.mark.skipif(not CHROMIUM.exists(), reason="Debian chromium is not installed "
+              pytest.mark.skipif(not CHROMIUM.exists() and not in_ci(), reason="Debian chromium is not installed "
                                  "(apt-get install -y chromium; scripts/test installs it)"),
-              pytest.mark.skipif(not PHOTO.exists(), reason=f"test photo {PHOTO} is absent")]
+              needs_shared_data(PHOTO)]
 
 
 @pytest.fixture(scope="module")
