@@ -2,7 +2,9 @@
 DEST mirroring the input keys, and DEST/manifest.parquet with one row per input (pipelines.batch_manifest).
 
 Streaming: read -> decode + prepare (CPU tasks) -> colorizer, colour upsampler and spatial upsampler, each on its
-own actor pool that loads its checkpoint once -> restore + encode + write (CPU tasks), nothing materialised.
+own actor pool that loads its checkpoint once -> restore + encode + write (CPU tasks), nothing materialised. The
+pools are sized from the cluster (pipelines.batch_plan: the plan is printed at start, and one that can never be
+placed is refused before DEST is touched).
 
 Resume: each write batch records its items in a manifest part as soon as its files are in place. Re-running the
 same command (same settings: checked against DEST/_batch_state.json) reads the parts first and never reads (loose
@@ -29,6 +31,7 @@ import ray
 from coltran.configs import STAGE_NAMES
 from pipelines.batch_manifest import begin_attempt, counts, done_identities, finish_attempt, read_parts
 from pipelines.batch_outputs import source_labels
+from pipelines.batch_plan import READ_TASK_CPUS, STAGE_ASKS, PlanError, ResourcePlan, job_device, make_plan
 from pipelines.batch_settings import BatchSettings, load_settings, settings_from_args
 from pipelines.batch_sources import build_inputs
 from pipelines.batch_stages import STAGE_ACTORS, JobContext, write_batch
@@ -55,14 +58,15 @@ class BatchSummary:
         return 1 if self.counts["failed"] else 0
 
 
-def resolve_stage_models(spec: str, tracking_uri: str | None = None) -> dict[str, StageModel]:
+def resolve_stage_models(spec: str, tracking_uri: str | None = None,
+                         names: dict[str, str] | None = None) -> dict[str, StageModel]:
     """Each stage's checkpoint (only its meta.json is read here). `models:/@alias` is resolved once on the driver
-    (against `tracking_uri`, default MLflow's current one) and pinned to versions, so every actor loads the same
-    versions even if the alias moves during the run."""
+    (against `tracking_uri`, default MLflow's current one; registered `names` per stage, default coltran-<stage>)
+    and pinned to versions, so every actor loads the same versions even if the alias moves during the run."""
     if spec.startswith("models:/"):
         from pipelines.tracking import resolve_models
 
-        root = resolve_models(spec, tracking_uri=tracking_uri)
+        root = resolve_models(spec, tracking_uri=tracking_uri, names=names)
     else:
         root = Path(spec).expanduser().resolve()
     models = {}
@@ -81,10 +85,10 @@ def resolve_stage_models(spec: str, tracking_uri: str | None = None) -> dict[str
     return models
 
 
-def _device(setting: str) -> str:
-    if setting != "auto":
-        return setting
-    return "cuda" if ray.cluster_resources().get("GPU", 0) > 0 else "cpu"
+def resource_plan(settings: BatchSettings, device: str) -> ResourcePlan:
+    """The job's actor pools and task share sized from the connected cluster (printed; PlanError if unplaceable)."""
+    return make_plan("colorize", {stage: getattr(settings, stage) for stage in STAGE_NAMES}, STAGE_ASKS,
+                     task_cpus=max(READ_TASK_CPUS, settings.prepare.num_cpus, settings.write.num_cpus), device=device)
 
 
 def stage_actor_kwargs(settings: BatchSettings, stage: str, models: dict[str, StageModel], device: str) -> dict:
@@ -101,8 +105,9 @@ def stage_actor_kwargs(settings: BatchSettings, stage: str, models: dict[str, St
             "step_kwargs": step if stage == "colorizer" else None, "tracking_uri": tracking_uri}
 
 
-def build_pipeline(settings: BatchSettings, ctx: JobContext, models: dict[str, StageModel], device: str):
-    """The streaming dataset of (key, status) rows; iterating it runs the job."""
+def build_pipeline(settings: BatchSettings, ctx: JobContext, models: dict[str, StageModel], device: str,
+                   plan: ResourcePlan):
+    """The streaming dataset of (key, status) rows; iterating it runs the job; `plan` places the actor pools."""
     ds, parquet_sources = build_inputs(settings, ctx)
     if parquet_sources and settings.resolution == "full":
         print(f"note: {parquet_sources} are preprocessed Parquet, which holds no full-resolution pixels: their "
@@ -113,9 +118,8 @@ def build_pipeline(settings: BatchSettings, ctx: JobContext, models: dict[str, S
         # bundle a task's outputs up to 128 MB, and the next stage would wait for the whole bundle).
         ds = ds.repartition(target_num_rows_per_block=spec.batch_size)
         ds = ds.map_batches(STAGE_ACTORS[stage], batch_size=spec.batch_size, batch_format="numpy",
-                            compute=ray.data.ActorPoolStrategy(min_size=spec.pool_min, max_size=spec.pool_max),
-                            num_cpus=spec.num_cpus, num_gpus=spec.num_gpus if device == "cuda" else 0,
-                            fn_constructor_kwargs=stage_actor_kwargs(settings, stage, models, device))
+                            fn_constructor_kwargs=stage_actor_kwargs(settings, stage, models, device),
+                            **plan.pools[stage].map_args())
     return ds.map_batches(write_batch, batch_size=settings.write.batch_size, batch_format="numpy",
                           num_cpus=settings.write.num_cpus, fn_kwargs={"ctx": ctx})
 
@@ -143,17 +147,18 @@ def run_batch(settings: BatchSettings, *, ray_address: str | None = None) -> Bat
     if any(m.untrained for m in models.values()):
         print("warning: these models are UNTRAINED (coltran init-models): colours will be meaningless",
               file=sys.stderr)
-    attempt = begin_attempt(fs, dest, settings.fingerprint({s: m.label for s, m in models.items()}))
-    done = done_identities(read_parts(fs, dest)[0])
     if not ray.is_initialized():
         ray.init(address=ray_address)
-    device = _device(settings.device)
+    device = job_device(settings.device)
+    plan = resource_plan(settings, device)  # before DEST is touched: a plan that cannot be placed stops here
+    attempt = begin_attempt(fs, dest, settings.fingerprint({s: m.label for s, m in models.items()}))
+    done = done_identities(read_parts(fs, dest)[0])
     ctx = JobContext(fs=fs, dest=dest, attempt=attempt, seed=settings.seed, num_samples=settings.num_samples,
                      resolution=settings.resolution, crop=settings.crop, format=settings.format,
                      jpeg_quality=settings.jpeg_quality, max_pixels=settings.max_pixels, min_side=settings.min_side,
                      models={s: m.label for s, m in models.items()}, labels=source_labels(settings.sources),
                      done=done)
-    colorized, seconds = _consume(build_pipeline(settings, ctx, models, device), settings.progress_every_s)
+    colorized, seconds = _consume(build_pipeline(settings, ctx, models, device, plan), settings.progress_every_s)
     found = counts(finish_attempt(fs, dest, attempt))
     summary = BatchSummary(settings.out, attempt, found, time.monotonic() - started, colorized / max(seconds, 1e-9))
     print(f"colorize: {sum(found.values())} inputs: {found['done']} done, {found['failed']} failed, "
@@ -164,8 +169,13 @@ def run_batch(settings: BatchSettings, *, ray_address: str | None = None) -> Bat
 
 
 def run_cli(args: argparse.Namespace) -> int:
-    """`coltran colorize` for folders, archives, prefixes, Parquet, models:/ URIs or --batch."""
-    return run_batch(settings_from_args(args), ray_address=args.ray_address).exit_code
+    """`coltran colorize` for folders, archives, prefixes, Parquet, models:/ URIs or --batch; 2 when the
+    resource plan is refused (the message says what it needs)."""
+    try:
+        return run_batch(settings_from_args(args), ray_address=args.ray_address).exit_code
+    except PlanError as err:
+        print(f"error: {err}", file=sys.stderr, flush=True)
+        return 2
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -175,7 +185,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     parser.add_argument("--ray-address", default=None, help="default: the job's cluster, else a new local one")
     args = parser.parse_args(argv)
-    return run_batch(load_settings(args.job, overrides=args.overrides), ray_address=args.ray_address).exit_code
+    try:
+        return run_batch(load_settings(args.job, overrides=args.overrides), ray_address=args.ray_address).exit_code
+    except PlanError as err:
+        print(f"error: {err}", file=sys.stderr, flush=True)
+        return 2
 
 
 if __name__ == "__main__":

@@ -26,15 +26,25 @@ class TaskSpec:
 
 @dataclass
 class PoolSpec:
-    """A model stage run on an actor pool: each actor loads its stage's checkpoint once."""
+    """A model stage run on an actor pool: each actor loads its stage's checkpoint once. Null resource settings
+    are sized from the cluster by the job's resource plan (pipelines.batch_plan); numbers are kept if they fit."""
 
     batch_size: int = 8  # images per actor call (each image brings num_samples colourings)
-    pool_min: int = 1  # actors; pool_min < pool_max lets Ray Data autoscale the pool
-    pool_max: int = 1
-    num_cpus: float = 0.25  # logical CPUs reserved per actor
-    num_gpus: float = 1.0  # GPUs per actor when the job runs on CUDA (ignored on CPU)
+    pool_min: int | None = None  # actors; pool_min < pool_max lets Ray Data autoscale the pool (null: 1)
+    pool_max: int | None = None  # null: as many as the cluster's spare CPUs/GPUs allow (by stage weight)
+    num_cpus: float | None = None  # logical CPUs reserved per actor (null: 1, or a share of one node's CPUs)
+    num_gpus: float | None = None  # GPUs per actor when the job runs on CUDA (ignored on CPU; null: per stage)
     num_threads: int = 1  # torch CPU threads per actor (the colorizer's pixel loop is single-threaded anyway)
     micro_batch: int = 4  # upsamplers: images per forward pass (their logits are large: 200 MB/image at 256)
+
+    def problems(self, name: str) -> list[str]:
+        """The out-of-range settings of this pool, named `name.key`."""
+        checks = [("batch_size", self.batch_size >= 1), ("num_threads", self.num_threads >= 1),
+                  ("micro_batch", self.micro_batch >= 1), ("pool_min", self.pool_min is None or self.pool_min >= 1),
+                  ("pool_max", self.pool_max is None or self.pool_max >= max(1, self.pool_min or 1)),
+                  ("num_cpus", self.num_cpus is None or self.num_cpus >= 0),
+                  ("num_gpus", self.num_gpus is None or self.num_gpus >= 0)]
+        return [f"{name}.{key}" for key, ok in checks if not ok]
 
 
 @dataclass
@@ -57,9 +67,9 @@ class BatchSettings:
     s3_endpoint: str | None = None  # S3-compatible endpoint URL; default AWS_ENDPOINT_URL or AWS
     progress_every_s: float = 10.0  # seconds between progress lines (0: none)
     prepare: TaskSpec = field(default_factory=TaskSpec)
-    colorizer: PoolSpec = field(default_factory=lambda: PoolSpec(num_cpus=0.5))
-    color_upsampler: PoolSpec = field(default_factory=lambda: PoolSpec(num_gpus=0.5))
-    spatial_upsampler: PoolSpec = field(default_factory=lambda: PoolSpec(batch_size=4, num_gpus=0.5, micro_batch=2))
+    colorizer: PoolSpec = field(default_factory=PoolSpec)
+    color_upsampler: PoolSpec = field(default_factory=PoolSpec)
+    spatial_upsampler: PoolSpec = field(default_factory=lambda: PoolSpec(batch_size=4, micro_batch=2))
     write: TaskSpec = field(default_factory=TaskSpec)
 
     def validate(self) -> None:
@@ -76,13 +86,11 @@ class BatchSettings:
         checks = [("num_samples", self.num_samples >= 1), ("seed", self.seed >= 0),
                   ("temperature", self.temperature > 0), ("jpeg_quality", 1 <= self.jpeg_quality <= 100),
                   ("max_pixels", self.max_pixels >= 1), ("min_side", self.min_side >= 1)]
-        for stage in ("prepare", "colorizer", "color_upsampler", "spatial_upsampler", "write"):
+        for stage in ("prepare", "write"):
             spec = getattr(self, stage)
             checks += [(f"{stage}.batch_size", spec.batch_size >= 1), (f"{stage}.num_cpus", spec.num_cpus >= 0)]
-            if isinstance(spec, PoolSpec):
-                checks += [(f"{stage}.pool_min", 1 <= spec.pool_min <= spec.pool_max),
-                           (f"{stage}.num_gpus", spec.num_gpus >= 0), (f"{stage}.num_threads", spec.num_threads >= 1),
-                           (f"{stage}.micro_batch", spec.micro_batch >= 1)]
+        checks += [(name, False) for stage in ("colorizer", "color_upsampler", "spatial_upsampler")
+                   for name in getattr(self, stage).problems(stage)]
         for name, ok in checks:
             if not ok:
                 raise ConfigError(f"setting {name} is out of range; see the comments in jobs/colorize.yaml")

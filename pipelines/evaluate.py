@@ -8,6 +8,10 @@ DISJOINT set of `num_reference` real images (checked by content), cached per ref
 are all gray (R=G=B, e.g. GRAYSCALE_FILES.txt) are colorized but left out of the colour metrics (FID,
 colourfulness) on both sides; bits/dim covers every evaluated image.
 
+Resources: the actor pools (bits/dim, the three stages, Inception) are sized from the cluster Ray reports
+(pipelines.batch_plan); the plan is printed at start and written in the report, and one that can never be placed
+is refused before any image is read.
+
 Run: `coltran evaluate DATA... --models DIR|models:/@alias --out REPORT_DIR [--set key=value]`, or
 `ray job submit --working-dir . -- python -m pipelines.evaluate jobs/evaluate.yaml [--set key=value ...]`.
 """
@@ -15,6 +19,7 @@ Run: `coltran evaluate DATA... --models DIR|models:/@alias --out REPORT_DIR [--s
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 import time
@@ -27,11 +32,24 @@ import ray
 from coltran.configs import STAGE_NAMES
 from coltran.metrics import StatsCache, feature_statistics, frechet_distance, inception_path, stats_key
 from pipelines.batch import resolve_stage_models
+from pipelines.batch_plan import (
+    READ_TASK_CPUS,
+    STAGE_ASKS,
+    PlanError,
+    ResourcePlan,
+    StageAsk,
+    job_device,
+    make_plan,
+)
 from pipelines.batch_stages import STAGE_ACTORS
 from pipelines.evaluate_data import PREPARE, digests, list_candidates, rows_dataset, select
 from pipelines.evaluate_report import EvalResult, compose_grid, log_to_mlflow, write_report
-from pipelines.evaluate_settings import EvalSettings, load_settings
+from pipelines.evaluate_settings import POOLS, EvalSettings, load_settings
 from pipelines.evaluate_stages import BitsPerDimActor, InceptionActor
+
+# The dedicated asks and weights of the evaluation's own pools (pipelines.batch_plan): bits/dim scores each image
+# once per stage, teacher-forced, so it is cheap; Inception runs on the samples, the grayscale and the real images.
+ASKS = {**STAGE_ASKS, "bits": StageAsk(gpus=0.25, weight=1), "inception": StageAsk(gpus=0.5, weight=1)}
 
 
 def _steps(models, registry: str) -> dict[str, int]:
@@ -42,18 +60,17 @@ def _steps(models, registry: str) -> dict[str, int]:
             for stage, m in models.items()}
 
 
-def _device(setting: str) -> str:
-    if setting != "auto":
-        return setting
-    return "cuda" if ray.cluster_resources().get("GPU", 0) > 0 else "cpu"
+def resource_plan(settings: EvalSettings, device: str) -> ResourcePlan:
+    """The job's actor pools sized from the connected cluster (printed; PlanError at once if unplaceable)."""
+    pools = [name for name in POOLS if name != "bits" or settings.bits_per_dim]
+    return make_plan("evaluate", {name: getattr(settings, name) for name in pools}, ASKS,
+                     task_cpus=max(READ_TASK_CPUS, settings.prepare.num_cpus), device=device)
 
 
-def _pool(ds, actor, spec, **kwargs):
-    """`actor` on its own pool, built with `kwargs` (which hold the device) once per actor."""
-    return ds.map_batches(actor, batch_size=spec.batch_size, batch_format="numpy",
-                          compute=ray.data.ActorPoolStrategy(min_size=spec.pool_min, max_size=spec.pool_max),
-                          num_cpus=spec.num_cpus, num_gpus=spec.num_gpus if kwargs["device"] == "cuda" else 0,
-                          fn_constructor_kwargs=kwargs)
+def _pool(ds, actor, settings: EvalSettings, name: str, plan: ResourcePlan, **kwargs):
+    """`actor` on the plan's pool `name`, built with `kwargs` (which hold the device) once per actor."""
+    return ds.map_batches(actor, batch_size=getattr(settings, name).batch_size, batch_format="numpy",
+                          fn_constructor_kwargs=kwargs, **plan.pools[name].map_args())
 
 
 def _collect(ds) -> dict[str, dict[str, np.ndarray]]:
@@ -75,9 +92,9 @@ def _select_sets(settings: EvalSettings):
     return evaluated, reference
 
 
-def _reference_stats(settings: EvalSettings, rows, found: dict, device: str):
+def _reference_stats(settings: EvalSettings, rows, found: dict, device: str, plan: ResourcePlan | None):
     """(statistics, from the cache?, colour images, cache key) of the colour reference images; the Inception
-    pass over `rows` runs only when this exact set (keys and pixels) has not been seen before."""
+    pass over `rows` (on the plan's pool) runs only when this exact set (keys and pixels) has not been seen."""
     colour = sorted((key, digest) for key, (digest, gray) in found.items() if not gray)
     if len(colour) < 2:
         raise ValueError(f"the reference set has {len(colour)} colour images; need at least 2")
@@ -85,8 +102,8 @@ def _reference_stats(settings: EvalSettings, rows, found: dict, device: str):
     spec = settings.inception
 
     def compute():
-        features = _collect(_pool(rows, InceptionActor, spec, device=device, batch_size=spec.micro_batch,
-                                  num_threads=spec.num_threads, role="reference"))
+        features = _collect(_pool(rows, InceptionActor, settings, "inception", plan, device=device,
+                                  batch_size=spec.micro_batch, num_threads=spec.num_threads, role="reference"))
         return feature_statistics(np.stack([features[k]["feat_truth"] for k, _ in colour]))
 
     stats, cached = StatsCache(settings.cache_dir).get_or_compute(key, compute)
@@ -94,21 +111,22 @@ def _reference_stats(settings: EvalSettings, rows, found: dict, device: str):
 
 
 def _evaluated_rows(settings: EvalSettings, rows, models, device: str, grid_keys: frozenset[str],
-                    registry: str):
+                    registry: str, plan: ResourcePlan):
     refs = {stage: models[stage].ref for stage in STAGE_NAMES}
     if settings.bits_per_dim:
-        rows = _pool(rows, BitsPerDimActor, settings.bits, checkpoints=refs, device=device,
+        rows = _pool(rows, BitsPerDimActor, settings, "bits", plan, checkpoints=refs, device=device,
                      weights=settings.weights, num_threads=settings.bits.num_threads, tracking_uri=registry)
     step_kwargs = {"colorizer": {"num_samples": settings.num_samples, "temperature": settings.temperature,
                                  "mode": settings.mode}}
     for stage in STAGE_NAMES:
         spec = getattr(settings, stage)
-        rows = _pool(rows, STAGE_ACTORS[stage], spec, checkpoint=refs[stage], device=device,
+        rows = _pool(rows, STAGE_ACTORS[stage], settings, stage, plan, checkpoint=refs[stage], device=device,
                      weights=settings.weights, num_threads=spec.num_threads, micro_batch=spec.micro_batch,
                      step_kwargs=step_kwargs.get(stage), tracking_uri=registry)
     spec = settings.inception
-    return _collect(_pool(rows, InceptionActor, spec, device=device, batch_size=spec.micro_batch,
-                          num_threads=spec.num_threads, role="eval", grid_keys=grid_keys))
+    return _collect(_pool(rows, InceptionActor, settings, "inception", plan, device=device,
+                          batch_size=spec.micro_batch, num_threads=spec.num_threads, role="eval",
+                          grid_keys=grid_keys))
 
 
 def _check_disjoint(found: dict, reference: dict) -> None:
@@ -143,10 +161,12 @@ def run_evaluation(settings: EvalSettings, *, ray_address: str | None = None) ->
     started = time.monotonic()
     inception_path()  # fail fast, naming `pip install coltran[eval]`, before any image is read
     registry = settings.tracking.tracking_uri or mlflow.get_tracking_uri()  # the actors resolve against it too
-    models = resolve_stage_models(settings.models, tracking_uri=registry)
+    models = resolve_stage_models(settings.models, tracking_uri=registry,
+                                  names=dataclasses.asdict(settings.tracking.registered_models))
     if not ray.is_initialized():
         ray.init(address=ray_address)
-    device = _device(settings.device)
+    device = job_device(settings.device)
+    plan = resource_plan(settings, device)  # before any image is read: a plan that cannot be placed stops here
     evaluated, reference = _select_sets(settings)
     common = {"split": settings.split, "seed": settings.seed, "s3_endpoint": settings.s3_endpoint,
               "batch_size": settings.prepare.batch_size, "num_cpus": settings.prepare.num_cpus}
@@ -154,9 +174,9 @@ def run_evaluation(settings: EvalSettings, *, ray_address: str | None = None) ->
     by_role = digests({"evaluated": eval_rows, "reference": ref_rows})
     found, ref_found = by_role["evaluated"], by_role["reference"]
     _check_disjoint(found, ref_found)
-    ref_stats, cached, ref_colour, ref_key = _reference_stats(settings, ref_rows, ref_found, device)
+    ref_stats, cached, ref_colour, ref_key = _reference_stats(settings, ref_rows, ref_found, device, plan)
     grid_keys = [c.key for c in evaluated if c.key in found][: settings.grid_images]
-    rows = _evaluated_rows(settings, eval_rows, models, device, frozenset(grid_keys), registry)
+    rows = _evaluated_rows(settings, eval_rows, models, device, frozenset(grid_keys), registry, plan)
     result = EvalResult(
         metrics=_metrics(rows, ref_stats, settings),
         counts={"evaluated": len(rows), "colour": sum(not r["was_grayscale"] for r in rows.values()),
@@ -168,7 +188,7 @@ def run_evaluation(settings: EvalSettings, *, ray_address: str | None = None) ->
         reference_cached=cached, reference_stats_key=ref_key, grid=compose_grid([rows[k]["grid_png"] for k in grid_keys if k in rows]),
         grid_keys=grid_keys, seconds_per_image={s: float(np.mean([r[f"{s}_s"] for r in rows.values()]))
                                                 for s in STAGE_NAMES},
-        seconds=time.monotonic() - started, settings=settings)
+        seconds=time.monotonic() - started, settings=settings, plan=plan.describe())
     write_report(result, Path(settings.out))
     if settings.tracking.enabled:
         result.run_id = log_to_mlflow(result, Path(settings.out))
@@ -209,8 +229,13 @@ def settings_from_args(args: argparse.Namespace) -> EvalSettings:
 
 
 def run(args: argparse.Namespace) -> int:
-    """`coltran evaluate`: run the job and print the figures and where the report is."""
-    result = run_evaluation(settings_from_args(args), ray_address=args.ray_address)
+    """`coltran evaluate`: run the job and print the figures and where the report is; 2 when the resource plan
+    is refused (the message says what it needs)."""
+    try:
+        result = run_evaluation(settings_from_args(args), ray_address=args.ray_address)
+    except PlanError as err:
+        print(f"error: {err}", file=sys.stderr, flush=True)
+        return 2
     print(json.dumps(result.metrics, indent=1))
     print(f"report: {Path(result.settings.out) / 'report.html'}" +
           (f"; MLflow run {result.run_id}" if result.run_id else ""), file=sys.stderr)
@@ -224,7 +249,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     parser.add_argument("--ray-address", default=None, help="default: the job's cluster, else a new local one")
     args = parser.parse_args(argv)
-    result = run_evaluation(load_settings(args.job, overrides=args.overrides), ray_address=args.ray_address)
+    try:
+        result = run_evaluation(load_settings(args.job, overrides=args.overrides), ray_address=args.ray_address)
+    except PlanError as err:
+        print(f"error: {err}", file=sys.stderr, flush=True)
+        return 2
     print(json.dumps(result.metrics, indent=1))
     return 0
 

@@ -43,6 +43,7 @@ class EvalResult:
     seconds: float
     settings: EvalSettings
     run_id: str | None = field(default=None)
+    plan: str = ""  # the resource plan the job ran with (pipelines.batch_plan), as printed at its start
 
 
 def compose_grid(strips: list[bytes]) -> np.ndarray | None:
@@ -90,6 +91,8 @@ def _notes(result: EvalResult) -> list[str]:
                      + (" ..." if len(result.grayscale_keys) > 20 else ""))
     if result.missing:
         notes.append(f"Unreadable images skipped: {', '.join(result.missing[:20])}")
+    if result.plan:
+        notes.append("; ".join(line.strip() for line in result.plan.splitlines()) + ".")
     if result.untrained:
         notes.append("WARNING: these models are UNTRAINED (coltran init-models): the figures are meaningless.")
     return notes

@@ -11,6 +11,9 @@ from typing import Any
 from coltran.configs import ConfigError
 from pipelines.batch_settings import DEVICES, MODES, PoolSpec, TaskSpec
 from pipelines.job_config import load_strict
+from pipelines.train.config import RegisteredModels
+
+POOLS = ("bits", "colorizer", "color_upsampler", "spatial_upsampler", "inception")  # in pipeline order
 
 
 @dataclass
@@ -20,6 +23,8 @@ class TrackingSpec:
     parent_run_id: str | None = None  # e.g. the training submission's parent run: the evaluation is its child
     run_name: str | None = None  # default: evaluate-<models>
     enabled: bool = True  # false: write the report only
+    registered_models: RegisteredModels = field(default_factory=RegisteredModels)  # what models:/@<alias> names,
+    # as in the training job's mlflow.registered_models
 
 
 @dataclass
@@ -45,12 +50,13 @@ class EvalSettings:
     s3_endpoint: str | None = None
     tracking: TrackingSpec = field(default_factory=TrackingSpec)
     prepare: TaskSpec = field(default_factory=TaskSpec)
-    bits: PoolSpec = field(default_factory=lambda: PoolSpec(batch_size=4, num_cpus=0.25, num_gpus=0.25))
-    colorizer: PoolSpec = field(default_factory=lambda: PoolSpec(num_cpus=0.5))
-    color_upsampler: PoolSpec = field(default_factory=lambda: PoolSpec(num_gpus=0.5))
-    spatial_upsampler: PoolSpec = field(default_factory=lambda: PoolSpec(batch_size=4, num_gpus=0.5))
-    inception: PoolSpec = field(default_factory=lambda: PoolSpec(batch_size=16, num_cpus=1, num_gpus=0.5,
-                                                                 micro_batch=16))
+    # Actor pools; null resources (pool_min, pool_max, num_cpus, num_gpus) are sized from the cluster by the
+    # job's resource plan (pipelines.batch_plan), numbers are kept when they fit.
+    bits: PoolSpec = field(default_factory=lambda: PoolSpec(batch_size=4))
+    colorizer: PoolSpec = field(default_factory=PoolSpec)
+    color_upsampler: PoolSpec = field(default_factory=PoolSpec)
+    spatial_upsampler: PoolSpec = field(default_factory=lambda: PoolSpec(batch_size=4))
+    inception: PoolSpec = field(default_factory=lambda: PoolSpec(batch_size=16, micro_batch=16))
 
     def validate(self) -> None:
         if not self.data or not all(isinstance(s, str) and s for s in self.data):
@@ -68,12 +74,8 @@ class EvalSettings:
                   ("num_samples", self.num_samples >= 1), ("seed", self.seed >= 0), ("temperature", self.temperature > 0),
                   ("grid_images", self.grid_images >= 0),
                   ("reference_start", self.reference_start is None or self.reference_start >= 0)]
-        for stage in ("bits", "colorizer", "color_upsampler", "spatial_upsampler", "inception"):
-            spec = getattr(self, stage)
-            checks += [(f"{stage}.batch_size", spec.batch_size >= 1), (f"{stage}.num_cpus", spec.num_cpus >= 0),
-                       (f"{stage}.pool_min", 1 <= spec.pool_min <= spec.pool_max),
-                       (f"{stage}.num_gpus", spec.num_gpus >= 0), (f"{stage}.num_threads", spec.num_threads >= 1),
-                       (f"{stage}.micro_batch", spec.micro_batch >= 1)]
+        checks += [("prepare.batch_size", self.prepare.batch_size >= 1), ("prepare.num_cpus", self.prepare.num_cpus >= 0)]
+        checks += [(name, False) for stage in POOLS for name in getattr(self, stage).problems(stage)]
         for name, ok in checks:
             if not ok:
                 raise ConfigError(f"setting {name}={_get(self, name)!r} is out of range; see jobs/evaluate.yaml")

@@ -1,12 +1,16 @@
-"""The evaluation job end to end on a real local Ray and a private MLflow server: test-preset models trained
-briefly here, registered as a training submission would, evaluated by alias on real photos (an image folder with a
-grayscale photo, a preprocessed Parquet reference set); the figures checked against direct computations, the
-report's table and grid, the MLflow child run; settings, CLI, disjointness and the reference cache."""
+"""The evaluation job end to end, as `coltran evaluate` runs it with its default resource settings, on a real local
+Ray started with this machine's own CPU count and the session's MLflow server: test-preset models trained briefly
+here, registered (under names of this module's own) as a training submission would, evaluated by alias on real
+photos (an image folder with a grayscale photo, a preprocessed Parquet reference set); the figures checked against
+direct computations, the report's table, grid and resource plan, the MLflow child run; settings, CLI, disjointness
+and the reference cache."""
 
 from __future__ import annotations
 
 import hashlib
 import json
+import os
+import secrets
 import shutil
 from pathlib import Path
 
@@ -14,8 +18,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import torch
-from layouts import SAMPLE, env_vars, local_ray
-from services import run_mlflow_server
+from layouts import SAMPLE, env_vars, local_ray, require_shared_data
 
 from coltran.checkpoint import load_checkpoint, save_checkpoint
 from coltran.cli import build_parser
@@ -29,21 +32,26 @@ from pipelines.dataset_format import FORMAT_NAME
 from pipelines.evaluate import _reference_stats, run_evaluation, settings_from_args
 from pipelines.evaluate import main as evaluate_main
 from pipelines.evaluate_report import GAP
-from pipelines.evaluate_settings import load_settings
+from pipelines.evaluate_settings import POOLS, load_settings
 from pipelines.examples import image_examples, rows_to_table
 from pipelines.tracking import PARENT_TAG, open_submission, register_stage
 
-pytestmark = [pytest.mark.skipif(not SAMPLE.is_dir(), reason=f"test images not found at {SAMPLE}"),
-              pytest.mark.ray, pytest.mark.slow]
-GRAY = sorted((SAMPLE / "GRAYSCALE_FILES.txt").read_text().split()) if SAMPLE.is_dir() else []
+pytestmark = [pytest.mark.ray, pytest.mark.slow]
 # (steps, batch): a few dozen cheap 64x64 steps; the 256x256 spatial upsampler costs ~5-10 s a step on this CPU
 TRAINING = {"colorizer": (10, 2), "color_upsampler": (20, 2), "spatial_upsampler": (3, 1)}
-SMALL_POOLS = {k: {"batch_size": 3, "num_cpus": 0.25} for k in ("bits", "colorizer", "color_upsampler",
-                                                                 "spatial_upsampler", "inception")}
+CPUS = os.cpu_count() or 1
+# The session's MLflow server is shared with other modules: this module registers under names of its own.
+TOKEN = secrets.token_hex(4)
+NAMES = {stage: f"eval-test-{TOKEN}-{stage.replace('_', '-')}" for stage in STAGE_NAMES}
+
+
+def _gray_files() -> list[str]:
+    return sorted((SAMPLE / "GRAYSCALE_FILES.txt").read_text().split())
 
 
 def _colour_files(start: int, count: int) -> list[Path]:
-    return [p for p in sorted(SAMPLE.glob("*.JPEG")) if p.name not in GRAY][start:start + count]
+    gray = set(_gray_files())
+    return [p for p in sorted(SAMPLE.glob("*.JPEG")) if p.name not in gray][start:start + count]
 
 
 @pytest.fixture(scope="module")
@@ -76,6 +84,7 @@ def _train_stage(stage: str, examples: list[dict]) -> tuple[torch.nn.Module, EMA
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory, one_thread):
     """A models directory trained briefly on 4 sample photos that are not among the evaluated ones."""
+    require_shared_data(SAMPLE)
     root = tmp_path_factory.mktemp("trained")
     examples = [prepare_example(decode_image(p.read_bytes()).rgb) for p in _colour_files(100, 4)]
     losses = {}
@@ -87,19 +96,17 @@ def trained(tmp_path_factory, one_thread):
 
 
 @pytest.fixture(scope="module")
-def services(tmp_path_factory, service_mark, trained):
-    """A private MLflow server (the registered names are the product's defaults), the trained stages registered
-    under a training-style parent run with alias `candidate`, and a local Ray whose workers can reach MLflow."""
-    root = tmp_path_factory.mktemp("eval-services")
-    with run_mlflow_server(root / "mlflow", f"{service_mark}/eval-mlflow") as server:
-        env = {"MLFLOW_TRACKING_URI": server.uri, "COLTRAN_MODEL_CACHE": str(root / "model-cache")}
-        with env_vars(env):
-            runs = open_submission("train-for-eval", list(STAGE_NAMES), experiment="eval-test")
-            for stage in STAGE_NAMES:
-                register_stage(trained[0] / stage, run_id=runs.children[stage],
-                               name=f"coltran-{stage.replace('_', '-')}", alias="candidate")
-            with local_ray(num_cpus=4):  # logical CPUs: five actor pools plus a reading task must fit
-                yield server, runs
+def services(tmp_path_factory, mlflow_server, trained):
+    """The session's MLflow server with the trained stages registered (as NAMES) under a training-style parent run
+    with alias `candidate`, and a local Ray with this machine's CPUs whose workers keep their model cache here."""
+    runs = open_submission(f"train-for-eval-{TOKEN}", list(STAGE_NAMES), experiment=f"eval-test-{TOKEN}",
+                           tracking_uri=mlflow_server.uri)
+    for stage in STAGE_NAMES:
+        register_stage(trained[0] / stage, run_id=runs.children[stage], name=NAMES[stage], alias="candidate",
+                       tracking_uri=mlflow_server.uri)
+    cache = tmp_path_factory.mktemp("model-cache")
+    with env_vars({"COLTRAN_MODEL_CACHE": str(cache)}), local_ray(num_cpus=CPUS):  # no extra logical CPUs
+        yield mlflow_server, runs
 
 
 @pytest.fixture(scope="module")
@@ -107,10 +114,11 @@ def sources(tmp_path_factory):
     """Evaluated: a folder of 4 colour photos + 1 grayscale photo. Reference: 6 other colour photos as a
     preprocessed dataset (Parquet held-out split + manifest), as `coltran preprocess` writes it. Also copies of
     two evaluated photos under other names (a reference set that is disjoint by key but not by content)."""
+    require_shared_data(SAMPLE)
     root = tmp_path_factory.mktemp("eval-data")
     (root / "photos").mkdir()
     (root / "renamed").mkdir()
-    for path in _colour_files(0, 4) + [SAMPLE / GRAY[0]]:
+    for path in _colour_files(0, 4) + [SAMPLE / _gray_files()[0]]:
         shutil.copy(path, root / "photos" / path.name)
     for path in _colour_files(0, 2):
         shutil.copy(path, root / "renamed" / f"copy-{path.name}")
@@ -123,15 +131,25 @@ def sources(tmp_path_factory):
     return root / "photos", root / "reference", root / "renamed"
 
 
+def _registry_args(uri: str) -> list[str]:
+    return [f"--set=tracking.tracking_uri={uri}", *(f"--set=tracking.registered_models.{s}={n}"
+                                                     for s, n in NAMES.items())]
+
+
 @pytest.fixture(scope="module")
 def evaluation(services, sources, tmp_path_factory, one_thread):
+    """`coltran evaluate` as a user types it: every resource setting left at its default (the plan sizes the
+    pools from the cluster); only the counts, the grid width, the cache and the registry are given."""
     server, runs = services
     out = tmp_path_factory.mktemp("report")
-    settings = load_settings(data={
-        "data": [str(sources[0])], "reference": [str(sources[1])], "models": "models:/@candidate", "out": str(out),
-        "num_images": 5, "num_reference": 6, "num_samples": 1, "grid_images": 3, "device": "cpu",
-        "cache_dir": str(out.parent / "fid-cache"),
-        "tracking": {"tracking_uri": server.uri, "parent_run_id": runs.parent_id}, **SMALL_POOLS})
+    args = build_parser("evaluate").parse_args([
+        "evaluate", str(sources[0]), "--reference", str(sources[1]), "--models", "models:/@candidate", "--out",
+        str(out), "--num-images", "5", "--num-reference", "6", "--num-samples", "1", "--parent-run-id",
+        runs.parent_id, "--set=grid_images=3", f"--set=cache_dir={out.parent / 'fid-cache'}",
+        *_registry_args(server.uri)])
+    settings = settings_from_args(args)
+    assert all(getattr(settings, name).num_cpus is None and getattr(settings, name).pool_max is None
+               for name in POOLS), "the defaults leave the pools to the resource plan"
     return run_evaluation(settings), out
 
 
@@ -149,7 +167,7 @@ def test_figures_of_the_trained_model(evaluation, sources, trained):
     print("evaluation figures:", json.dumps({k: round(v, 3) for k, v in m.items()}), result.counts,
           f"{result.seconds:.0f} s, per image {result.seconds_per_image}")
     assert result.counts == {"evaluated": 5, "colour": 4, "reference": 6, "reference_colour": 6, "num_samples": 1}
-    assert result.grayscale_keys == [GRAY[0]] and result.missing == [] and not result.untrained
+    assert result.grayscale_keys == [_gray_files()[0]] and result.missing == [] and not result.untrained
     assert m["fid/grayscale"] > m["fid/ground_truth"]  # the anchor rows in their paper order
     assert m["fid/colorized"] > m["fid/ground_truth"]
     photos = [prepare_example(decode_image(p.read_bytes()).rgb) for p in sorted(sources[0].glob("*.JPEG"))]
@@ -166,13 +184,15 @@ def test_figures_of_the_trained_model(evaluation, sources, trained):
     assert 7.0 < m["bits_per_dim/spatial_upsampler"] < 8.5  # 3 steps: still close to uniform
 
 
-def test_report_shows_the_table_and_the_grid(evaluation, sources):
+def test_report_shows_the_table_the_grid_and_the_plan(evaluation, sources):
     result, out = evaluation
+    kind = "shared" if CPUS < 6 else "dedicated"  # five pools of a whole CPU each and a 1-CPU task need 6
     md, page = (out / "report.md").read_text(), (out / "report.html").read_text()
     for text in (md, page):
         for needle in ("ColTran samples (this model)", "Grayscale inputs (anchor)", "Real held-out images (anchor)",
                        "19.37", "30.19", "14.68", f"{result.metrics['fid/colorized']:.2f}", "bits/dim",
-                       "Colourfulness", GRAY[0]):
+                       "Colourfulness", _gray_files()[0], f"resource plan for evaluate: {kind}",
+                       f"{CPUS} CPUs"):
             assert needle in text, needle
     assert "![gray / samples / ground truth](grid.png)" in md and "<img src='grid.png'" in page
     grid = decode_image((out / "grid.png").read_bytes()).rgb
@@ -194,7 +214,7 @@ def test_logged_as_a_child_of_the_training_run(evaluation, services, trained):
                 "colourfulness/colorized"):
         assert run.data.metrics[key] == pytest.approx(result.metrics[key])
         assert client.get_metric_history(run.info.run_id, key)[0].step == TRAINING["colorizer"][0]  # its step
-    assert run.data.tags["coltran.model.colorizer"] == "models:/coltran-colorizer/1"
+    assert run.data.tags["coltran.model.colorizer"] == f"models:/{NAMES['colorizer']}/1"
     artifacts = {a.path for a in client.list_artifacts(result.run_id, "report")}
     assert {"report/report.md", "report/report.html", "report/grid.png", "report/metrics.json"} <= artifacts
     assert any(a.path.startswith("images") for a in client.list_artifacts(result.run_id))  # log_image
@@ -207,14 +227,14 @@ def test_reference_statistics_come_from_the_cache_the_second_time(evaluation):
     found = {p.name: (hashlib.sha1(prepare_example(decode_image(p.read_bytes()).rgb)["rgb_256"].tobytes())
                       .hexdigest(), False) for p in _colour_files(20, 6)}
     # no rows to run Inception on: only a cache hit (same keys, same pixels) can answer
-    stats, cached, colour, key = _reference_stats(result.settings, None, found, "cpu")
+    stats, cached, colour, key = _reference_stats(result.settings, None, found, "cpu", None)
     assert cached and colour == 6 and stats.count == 6 and key == result.reference_stats_key
 
 
 def test_reference_with_the_same_pixels_is_refused(services, sources, trained, tmp_path):
     settings = load_settings(data={"data": [str(sources[0])], "reference": [str(sources[2])],
                                    "models": str(trained[0]), "out": str(tmp_path), "num_images": 2,
-                                   "num_reference": 2, "device": "cpu", "tracking": {"enabled": False}, **SMALL_POOLS})
+                                   "num_reference": 2, "device": "cpu", "tracking": {"enabled": False}})
     with pytest.raises(ValueError, match="2 evaluated images also appear .* must be disjoint"):
         run_evaluation(settings)
 
@@ -235,3 +255,14 @@ def test_settings_cli_and_job_file(tmp_path):
     assert settings.tracking.parent_run_id == "abc" and not settings.tracking.enabled
     with pytest.raises(ConfigError, match="num_images"):  # the `ray job submit` entry point, strict the same way
         evaluate_main([str(Path(__file__).resolve().parents[1] / "jobs" / "evaluate.yaml"), "--set", "num_images=1"])
+    # a cluster job file's explicit pools are kept as written; without them the plan sizes every pool
+    assert (job.colorizer.num_cpus, job.colorizer.pool_min, job.colorizer.pool_max) == (1, 1, 8)
+    assert all((getattr(settings, n).num_cpus, getattr(settings, n).num_gpus, getattr(settings, n).pool_min,
+                getattr(settings, n).pool_max) == (None,) * 4 for n in POOLS)
+    with pytest.raises(ConfigError, match="colorizer.pool_max"):
+        load_settings(data={"data": ["x"], "models": "m", "out": "o", "colorizer": {"pool_min": 3, "pool_max": 2}})
+    named = settings_from_args(build_parser("evaluate").parse_args(
+        ["evaluate", "photos", "--models", "models:/@candidate", "--out", str(tmp_path),
+         "--set", "tracking.registered_models.colorizer=my-colorizer"]))
+    assert (named.tracking.registered_models.colorizer, named.tracking.registered_models.spatial_upsampler) == (
+        "my-colorizer", "coltran-spatial-upsampler")
