@@ -11,6 +11,7 @@ import hashlib
 import json
 import os
 import secrets
+import shlex
 import shutil
 from pathlib import Path
 
@@ -22,13 +23,16 @@ from layouts import SAMPLE, env_vars, local_ray, require_shared_data
 
 from coltran.checkpoint import load_checkpoint, save_checkpoint
 from coltran.cli import build_parser
+from coltran.cli import main as coltran_main
 from coltran.configs import STAGE_NAMES, ConfigError, resolve_config
 from coltran.imageio import decode_image
+from coltran.init_models import init_models
 from coltran.metrics import colourfulness
 from coltran.models import build_model
 from coltran.optim import EMA, make_optimizer
 from coltran.transforms import prepare_example
 from pipelines.dataset_format import FORMAT_NAME
+from pipelines.demo import evaluate_command
 from pipelines.evaluate import _reference_stats, run_evaluation, settings_from_args
 from pipelines.evaluate import main as evaluate_main
 from pipelines.evaluate_report import GAP
@@ -266,3 +270,34 @@ def test_settings_cli_and_job_file(tmp_path):
          "--set", "tracking.registered_models.colorizer=my-colorizer"]))
     assert (named.tracking.registered_models.colorizer, named.tracking.registered_models.spatial_upsampler) == (
         "my-colorizer", "coltran-spatial-upsampler")
+
+
+def test_the_command_the_demo_prints_writes_the_report(services, tmp_path):
+    """The `coltran evaluate ...` line of the demo's summary, run as printed on a demo-shaped folder (generated
+    photos preprocessed to DIR/data, models in DIR/models, the MLflow store DIR/mlflow.db), with its defaults."""
+    import mlflow
+
+    from pipelines.demo_data import generate_dataset
+    from pipelines.preprocess import PreprocessSettings, run_preprocess
+
+    root = tmp_path / "coltran-demo"
+    generate_dataset(root / "photos", per_class=5)
+    manifest = run_preprocess(PreprocessSettings(sources=[str(root / "photos" / "train")], dest=str(root / "data"),
+                                                 heldout_fraction=0.3, min_rows_per_file=32))  # 4 held out
+    init_models(root / "models", "test")
+    uri = f"sqlite:///{root / 'mlflow.db'}"
+    mlflow.MlflowClient(uri).create_experiment("coltran-demo", artifact_location=(root / "mlartifacts").as_uri())
+    words = shlex.split(evaluate_command(root, manifest, uri))
+    assert words[0] == f"MLFLOW_TRACKING_URI={uri}" and words[1:3] == ["coltran", "evaluate"]
+    with env_vars({"MLFLOW_TRACKING_URI": uri}):
+        assert coltran_main(words[2:]) == 0
+    metrics = json.loads((root / "evaluation" / "metrics.json").read_text())
+    splits = manifest["splits"]
+    assert metrics["counts"]["evaluated"] == splits["heldout"]["images"] >= 2
+    assert metrics["counts"]["reference"] == splits["train"]["images"]
+    assert {"fid/colorized", "fid/grayscale", "fid/ground_truth", "bits_per_dim/colorizer"} <= set(metrics["metrics"])
+    page = (root / "evaluation" / "report.html").read_text()
+    assert "Grayscale inputs (anchor)" in page and "Real held-out images (anchor)" in page and "UNTRAINED" in page
+    client = mlflow.MlflowClient(uri)
+    runs = client.search_runs([client.get_experiment_by_name("coltran-demo").experiment_id])
+    assert len(runs) == 1 and runs[0].data.metrics["fid/colorized"] == pytest.approx(metrics["metrics"]["fid/colorized"])
