@@ -92,7 +92,7 @@ def _notes(result: EvalResult) -> list[str]:
     if result.missing:
         notes.append(f"Unreadable images skipped: {', '.join(result.missing[:20])}")
     if result.plan:
-        notes.append("; ".join(line.strip() for line in result.plan.splitlines()) + ".")
+        notes.append("; ".join(" ".join(line.split()) for line in result.plan.splitlines()) + ".")
     if result.untrained:
         notes.append("WARNING: these models are UNTRAINED (coltran init-models): the figures are meaningless.")
     return notes
