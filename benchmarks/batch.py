@@ -28,9 +28,9 @@ from coltran.configs import STAGE_NAMES
 from coltran.imageio import decode_image
 from coltran.init_models import init_models
 from coltran.inputs import prepare_image
-from pipelines.batch import resolve_stage_models, run_batch, stage_actor_kwargs
-from pipelines.batch_settings import BatchSettings, load_settings
-from pipelines.batch_stages import STAGE_ACTORS
+from pipelines.batch.job import resolve_stage_models, run_batch, stage_actor_kwargs
+from pipelines.batch.settings import BatchSettings, load_settings
+from pipelines.inference.stages import STAGE_ACTORS
 
 SAMPLE = Path(__file__).resolve().parents[2] / "shared" / "data" / "imagenet-sample-500"
 # One image per call for the spatial stage and the writer, so every image has its own finish time (on CPU the

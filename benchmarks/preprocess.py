@@ -21,8 +21,8 @@ from pathlib import Path
 import psutil
 import pyarrow.parquet as pq
 
-from pipelines.dataset_format import split_of
-from pipelines.examples import image_examples, rows_to_table
+from pipelines.dataset.examples import image_examples, rows_to_table
+from pipelines.dataset.format import split_of
 
 SAMPLE = Path(__file__).resolve().parents[2] / "shared" / "data" / "imagenet-sample-500"
 
@@ -143,7 +143,7 @@ def timed(fn) -> float:
 
 
 def run_job(root: Path, dest: Path, settings: dict) -> None:
-    from pipelines.preprocess import PreprocessSettings, run_preprocess
+    from pipelines.preprocess.job import PreprocessSettings, run_preprocess
 
     run_preprocess(PreprocessSettings(sources=[str(root)], dest=str(dest), **settings))
 

@@ -131,7 +131,7 @@ def deploy(settings: dict[str, int], models: str) -> dict[str, object]:
     machine the load drifts, and alternating exposes both settings to the same drift."""
     from ray import serve
 
-    from pipelines.serve import build_app
+    from pipelines.serve.app import build_app
 
     handles = {}
     for name, batch in settings.items():

@@ -25,7 +25,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from coltran.configs import STAGE_NAMES, preset
 from coltran.models import build_model, count_parameters
 from coltran.optim import EMA, make_optimizer
-from pipelines.dataset_format import TENSOR_SHAPES, tensor_array
+from pipelines.dataset.format import TENSOR_SHAPES, tensor_array
 from pipelines.train.data import STAGE_COLUMNS
 
 # Per-device batch: CPU small enough for a 2-core machine; CUDA the per-GPU share of jobs/train_all.yaml.

@@ -19,7 +19,7 @@ import yaml
 from services import VENV_BIN, service_env
 from shared_data import SAMPLE
 
-from pipelines.train.config import REGISTERED_NAMES
+from pipelines.tracking.names import REGISTERED_NAMES
 from pipelines.train.worker import FAULT_ENV
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -104,7 +104,7 @@ class MotoS3:
             s3.upload_file(str(path), self.bucket, f"{prefix}/{path.relative_to(local).as_posix()}")
 
     def filesystem(self):
-        from pipelines.s3 import s3_filesystem
+        from pipelines.io.s3 import s3_filesystem
 
         return s3_filesystem(self.endpoint_url)
 

@@ -21,13 +21,13 @@ from PIL import Image
 from shared_data import needs_shared_data
 
 from coltran.chroma import luma
-from coltran.cli import main as coltran_main
 from coltran.imageio import decode_image
 from coltran.init_models import init_models
-from pipelines.batch_manifest import ResumeError, begin_attempt, merge_parts, read_parts
-from pipelines.batch_outputs import image_seed, output_relpath, put_bytes, source_labels
-from pipelines.batch_settings import ConfigError, load_settings
-from pipelines.s3 import s3_filesystem
+from pipelines.batch.manifest import ResumeError, begin_attempt, merge_parts, read_parts
+from pipelines.batch.outputs import image_seed, output_relpath, put_bytes, source_labels
+from pipelines.batch.settings import ConfigError, load_settings
+from pipelines.cli import main as coltran_main
+from pipelines.io.s3 import s3_filesystem
 
 pytestmark = needs_shared_data(SAMPLE)
 READER_REASON = {"unsafe_path": "unsafe_path", "link": "link", "duplicate": "duplicate_name",
@@ -104,7 +104,7 @@ def _part(key, status, attempt, stage="done", reason=None, minute=0):
 def test_merge_prefers_this_attempt_and_reports_earlier_work_as_skipped():
     import pyarrow as pa
 
-    from pipelines.batch_manifest import MANIFEST_SCHEMA
+    from pipelines.batch.manifest import MANIFEST_SCHEMA
 
     rows = [_part("a", "done", 1), _part("b", "failed", 1, "decode", "corrupt"), _part("gone", "failed", 1, "decode"),
             _part("dup", "done", 1), _part("dup", "failed", 1, "read", "duplicate_name"),
@@ -199,7 +199,7 @@ def test_folder_archives_and_bad_inputs_at_full_resolution(tmp_path, models, ray
 
 @pytest.mark.ray
 def test_s3_prefix_and_parquet_to_s3(tmp_path, models, ray_s3):
-    from pipelines.preprocess import PreprocessSettings, run_preprocess
+    from pipelines.preprocess.job import PreprocessSettings, run_preprocess
 
     bucket = ray_s3.create_bucket("batch-io")
     folder, flat = tmp_path / "s3in", tmp_path / "flat"
@@ -252,7 +252,7 @@ def test_killed_run_resumes_without_redoing_work(tmp_path, models, ray_s3):
     address = ray.get_runtime_context().gcs_address
     log = tmp_path / "first.log"
     with open(log, "wb") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "coltran.cli", *args, "--ray-address", address], env=env,
+        proc = subprocess.Popen([sys.executable, "-m", "pipelines.cli", *args, "--ray-address", address], env=env,
                                 stdout=out, stderr=subprocess.STDOUT)
     from pyarrow import fs as pafs
 
@@ -297,10 +297,10 @@ def test_models_from_the_registry_are_pinned_and_loaded_per_stage(tmp_path, mode
     from mlflow import MlflowClient
 
     from coltran.checkpoint import load_checkpoint
-    from pipelines.batch import resolve_stage_models, stage_actor_kwargs
-    from pipelines.batch_stages import STAGE_ACTORS
-    from pipelines.tracking import register_stage
-    from pipelines.train.config import REGISTERED_NAMES
+    from pipelines.batch.job import resolve_stage_models, stage_actor_kwargs
+    from pipelines.inference.stages import STAGE_ACTORS
+    from pipelines.tracking.names import REGISTERED_NAMES
+    from pipelines.tracking.registry import register_stage
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server.uri)
     monkeypatch.setenv("COLTRAN_MODEL_CACHE", str(tmp_path / "cache"))

@@ -14,7 +14,7 @@ import pytest
 from PIL import Image
 from services import VENV_BIN, marked_pids, reap, service_env
 
-from pipelines.train.config import REGISTERED_NAMES
+from pipelines.tracking.names import REGISTERED_NAMES
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow, pytest.mark.timeout(1200)]
 

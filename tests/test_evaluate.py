@@ -22,8 +22,6 @@ import torch
 from layouts import SAMPLE, env_vars, local_ray, require_shared_data
 
 from coltran.checkpoint import load_checkpoint, save_checkpoint
-from coltran.cli import build_parser
-from coltran.cli import main as coltran_main
 from coltran.configs import STAGE_NAMES, ConfigError, resolve_config
 from coltran.imageio import decode_image
 from coltran.init_models import init_models
@@ -31,14 +29,17 @@ from coltran.metrics import colourfulness
 from coltran.models import build_model
 from coltran.optim import EMA, make_optimizer
 from coltran.transforms import prepare_example
-from pipelines.dataset_format import FORMAT_NAME
-from pipelines.demo import evaluate_command
-from pipelines.evaluate import _reference_stats, run_evaluation, settings_from_args
-from pipelines.evaluate import main as evaluate_main
-from pipelines.evaluate_report import GAP
-from pipelines.evaluate_settings import POOLS, load_settings
-from pipelines.examples import image_examples, rows_to_table
-from pipelines.tracking import PARENT_TAG, open_submission, register_stage
+from pipelines.cli import build_parser
+from pipelines.cli import main as coltran_main
+from pipelines.dataset.examples import image_examples, rows_to_table
+from pipelines.dataset.format import FORMAT_NAME
+from pipelines.demo.job import evaluate_command
+from pipelines.evaluate.job import _reference_stats, run_evaluation, settings_from_args
+from pipelines.evaluate.job import main as evaluate_main
+from pipelines.evaluate.report import GAP
+from pipelines.evaluate.settings import POOLS, load_settings
+from pipelines.tracking.registry import register_stage
+from pipelines.tracking.runs import PARENT_TAG, open_submission
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 # (steps, batch): a few dozen cheap 64x64 steps; the 256x256 spatial upsampler costs ~5-10 s a step on this CPU
@@ -277,8 +278,8 @@ def test_the_command_the_demo_prints_writes_the_report(services, tmp_path):
     photos preprocessed to DIR/data, models in DIR/models, the MLflow store DIR/mlflow.db), with its defaults."""
     import mlflow
 
-    from pipelines.demo_data import generate_dataset
-    from pipelines.preprocess import PreprocessSettings, run_preprocess
+    from pipelines.demo.photos import generate_dataset
+    from pipelines.preprocess.job import PreprocessSettings, run_preprocess
 
     root = tmp_path / "coltran-demo"
     generate_dataset(root / "photos", per_class=5)

@@ -9,9 +9,9 @@ from shared_data import needs_shared_data
 
 from coltran.checkpoint import CheckpointError
 from coltran.chroma import luma, transfer_chroma
-from coltran.cli import main
 from coltran.init_models import init_models
 from coltran.pipeline import ColTranPipeline
+from pipelines.cli import main
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "imagenet-sample-500"
 needs_data = needs_shared_data(DATA)

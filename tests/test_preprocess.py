@@ -18,8 +18,8 @@ from shared_data import needs_shared_data
 
 from coltran.imageio import decode_image
 from coltran.transforms import prepare_example, square_crop_box
-from pipelines.dataset_format import TENSOR_SHAPES, crop_rng, split_of
-from pipelines.preprocess import (
+from pipelines.dataset.format import TENSOR_SHAPES, crop_rng, split_of
+from pipelines.preprocess.job import (
     PreprocessSettings,
     add_arguments,
     load_settings,

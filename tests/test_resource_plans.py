@@ -1,4 +1,4 @@
-"""Resource plans of the batch and evaluation jobs (pipelines.batch_plan): the plans computed for clusters of 2, 8
+"""Resource plans of the batch and evaluation jobs (pipelines.inference.plan): the plans computed for clusters of 2, 8
 and 64 CPUs with and without GPUs, with pool labels and an autoscaler, explicit settings kept, unplaceable plans
 refused; then on a real local Ray started with this machine's own CPU count: the plan Ray's report gives, a
 deliberately unplaceable plan refused within seconds, and `coltran preprocess` and `coltran colorize` of a folder
@@ -14,8 +14,12 @@ import pyarrow.parquet as pq
 import pytest
 from layouts import local_ray
 
-from coltran.cli import main as coltran_main
-from pipelines.batch_plan import (
+from pipelines.batch.settings import PoolSpec
+from pipelines.batch.settings import load_settings as batch_settings
+from pipelines.cli import main as coltran_main
+from pipelines.evaluate.job import ASKS as EVAL_ASKS
+from pipelines.evaluate.settings import POOLS, EvalSettings
+from pipelines.inference.plan import (
     MIN_SHARE,
     READ_TASK_CPUS,
     STAGE_ASKS,
@@ -26,10 +30,6 @@ from pipelines.batch_plan import (
     fits,
     plan_pools,
 )
-from pipelines.batch_settings import PoolSpec
-from pipelines.batch_settings import load_settings as batch_settings
-from pipelines.evaluate import ASKS as EVAL_ASKS
-from pipelines.evaluate_settings import POOLS, EvalSettings
 
 CPUS = os.cpu_count() or 1
 
@@ -185,8 +185,8 @@ def models(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def photos(tmp_path_factory):
-    """Generated photos (pipelines.demo_data, CC0): DIR/train/<class>/*.jpg, 3 per class."""
-    from pipelines.demo_data import generate_dataset
+    """Generated photos (pipelines.demo.photos, CC0): DIR/train/<class>/*.jpg, 3 per class."""
+    from pipelines.demo.photos import generate_dataset
 
     return generate_dataset(tmp_path_factory.mktemp("photos"), per_class=3) / "train"
 

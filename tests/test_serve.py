@@ -20,7 +20,7 @@ from shared_data import needs_shared_data
 
 from coltran.imageio import decode_image
 from coltran.init_models import init_models
-from pipelines.serve import AppSettings, build_app
+from pipelines.serve.app import AppSettings, build_app
 
 PHOTOS = Path(__file__).resolve().parents[2] / "shared" / "data" / "imagenet-sample-500"
 PHOTO = PHOTOS / "n01530575_brambling.JPEG"
@@ -212,10 +212,10 @@ def test_app_args_are_checked_strictly(models_dir):
 def test_models_from_the_mlflow_registry(mlflow_server, models_dir, tmp_path, monkeypatch):
     """`models:/@<alias>` and per-stage `models:/<name>@<alias>` resolve to each stage's own checkpoint."""
     from coltran.pipeline import ColTranPipeline
-    from pipelines.serve_stages import stage_checkpoint_dir
-    from pipelines.tracking import register_stage
+    from pipelines.serve.deployments import stage_checkpoint_dir
+    from pipelines.tracking.names import REGISTERED_NAMES
+    from pipelines.tracking.registry import register_stage
     from pipelines.train import config as train_config
-    from pipelines.train.config import REGISTERED_NAMES
 
     monkeypatch.setenv("COLTRAN_MODEL_CACHE", str(tmp_path / "cache"))
     client = mlflow_server.client()

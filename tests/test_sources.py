@@ -1,4 +1,4 @@
-"""pipelines.sources on real ImageNet images in every layout (folder tree, tar of tars, .tar.gz, zip, flat folder +
+"""pipelines.io.sources on real ImageNet images in every layout (folder tree, tar of tars, .tar.gz, zip, flat folder +
 labels file, S3 prefixes on moto), hostile archives member by member, key filters, and the pure name/label rules."""
 
 from __future__ import annotations
@@ -12,9 +12,9 @@ from corpus import build_hostile_tar, build_hostile_zip
 from layouts import SAMPLE, build_layouts, local_ray, moto_s3
 from shared_data import needs_shared_data
 
-from pipelines.archives import name_problem
-from pipelines.labels import parse_labels
-from pipelines.sources import plan_sources, read_file_bytes, read_sources, split_error
+from pipelines.io.archives import name_problem
+from pipelines.io.labels import parse_labels
+from pipelines.io.sources import plan_sources, read_file_bytes, read_sources, split_error
 
 pytestmark = needs_shared_data(SAMPLE)
 # What tests/corpus.py calls each rejection, and the reason the reader gives it.

@@ -12,7 +12,7 @@ from mlflow import MlflowClient
 
 from coltran.checkpoint import load_checkpoint
 from coltran.init_models import init_models
-from pipelines.tracking import register_stage, resolve_models
+from pipelines.tracking.registry import register_stage, resolve_models
 
 
 @pytest.mark.parametrize("preset_env", [None, "sqlite:////nonexistent/elsewhere.db"])

@@ -31,8 +31,9 @@ from coltran.optim import EMA, make_optimizer
 from coltran.pipeline import ColTranPipeline
 from coltran.sampling import sample_colorizer
 from coltran.transforms import rgb_to_gray, upsample_4x
-from pipelines.dataset_format import read_tensor_column
-from pipelines.tracking import STAGE_TAG, resolve_models
+from pipelines.dataset.format import read_tensor_column
+from pipelines.tracking.registry import resolve_models
+from pipelines.tracking.runs import STAGE_TAG
 from pipelines.train.data import DataPosition, open_train_dataset, train_batches
 from pipelines.train.evaluation import evaluate, sample_grid
 from pipelines.train.state import replica_spread

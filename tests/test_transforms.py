@@ -246,7 +246,7 @@ def test_preprocessing_never_imports_torch():
             "import numpy as np\n"
             "from PIL import Image\n"
             "import pipelines.preprocess\n"
-            "from pipelines.examples import image_examples, rows_to_table\n"
+            "from pipelines.dataset.examples import image_examples, rows_to_table\n"
             "buf = io.BytesIO()\n"
             "Image.fromarray(np.random.default_rng(0).integers(0, 256, (300, 400, 3), np.uint8)).save(buf, 'PNG')\n"
             "rows = image_examples('k', buf.getvalue(), split='train', train_crops=2, seed=0, max_pixels=10**8,\n"

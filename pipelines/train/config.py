@@ -14,12 +14,11 @@ from typing import Any
 
 from coltran.configs import STAGE_NAMES, ConfigError, ModelConfig, apply_overrides, preset
 from pipelines.job_config import flatten, load_strict, merge  # noqa: F401  (flatten: part of this module's API)
+from pipelines.tracking.names import REGISTERED_NAMES
 
 # Paper (reference sec. 5): global batch 224 / 768 / 32 and 450k / 300k / 300k steps.
 PAPER_BATCH = {"colorizer": 224, "color_upsampler": 768, "spatial_upsampler": 32}
 PAPER_STEPS = {"colorizer": 450_000, "color_upsampler": 300_000, "spatial_upsampler": 300_000}
-REGISTERED_NAMES = {"colorizer": "coltran-colorizer", "color_upsampler": "coltran-color-upsampler",
-                    "spatial_upsampler": "coltran-spatial-upsampler"}
 
 
 @dataclass

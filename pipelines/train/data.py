@@ -11,8 +11,8 @@ import pyarrow.fs as pafs
 import ray.data
 import torch
 
-from pipelines.dataset_format import read_tensor_column
-from pipelines.s3 import resolve_path
+from pipelines.dataset.format import read_tensor_column
+from pipelines.io.s3 import resolve_path
 
 # The uint8 tensor columns each stage's `loss` reads.
 STAGE_COLUMNS = {

@@ -23,8 +23,9 @@ from ray.train.torch import TorchTrainer
 
 from coltran.checkpoint import load_checkpoint, save_checkpoint
 from coltran.configs import ConfigError, config_to_dict
-from pipelines import tracking
-from pipelines.s3 import resolve_path
+from pipelines.io.s3 import resolve_path
+from pipelines.tracking.registry import register_stage
+from pipelines.tracking.runs import RunLogger, SubmissionRuns, finish_run, open_submission
 from pipelines.train.config import JobConfig, flatten, job_to_dict, load_job
 from pipelines.train.data import open_train_dataset
 from pipelines.train.worker import train_loop
@@ -80,13 +81,13 @@ def run_stage(job: JobConfig, stage: str, run_id: str, tracking_uri: str) -> Sta
             target = Path(job.models_dir) / stage if job.models_dir else Path(tmp) / stage
             outcome.step = export_stage(job, stage, result.checkpoint, run_id, target)
             outcome.models_dir = str(target) if job.models_dir else None
-            outcome.version = tracking.register_stage(
+            outcome.version = register_stage(
                 target, run_id=run_id, name=getattr(job.mlflow.registered_models, stage),
                 alias=job.mlflow.alias, tracking_uri=tracking_uri)
     except Exception as err:  # one stage failing must not stop the others
         traceback.print_exc()
         outcome = StageOutcome(stage, ok=False, error=f"{type(err).__name__}: {err}")
-    tracking.finish_run(run_id, outcome.ok, tracking_uri)
+    finish_run(run_id, outcome.ok, tracking_uri)
     return outcome
 
 
@@ -95,7 +96,7 @@ def run_job(job: JobConfig, job_text: str | None = None) -> dict[str, StageOutco
     tracking_uri = job.mlflow.tracking_uri or mlflow.get_tracking_uri()
     ray.data.DataContext.get_current().enable_progress_bars = False  # one progress line per step is noise
     stages = job.enabled_stages()
-    runs = tracking.open_submission(job.run_name, stages, experiment=job.mlflow.experiment,
+    runs = open_submission(job.run_name, stages, experiment=job.mlflow.experiment,
                                     tracking_uri=tracking_uri)
     _log_config(job, runs, job_text, tracking_uri)
     outcomes: dict[str, StageOutcome] = {}
@@ -108,15 +109,15 @@ def run_job(job: JobConfig, job_text: str | None = None) -> dict[str, StageOutco
         thread.start()
     for thread in threads:
         thread.join()
-    parent = tracking.RunLogger(runs.parent_id, tracking_uri)
+    parent = RunLogger(runs.parent_id, tracking_uri)
     parent.tags({f"coltran.status.{s}": "ok" if o.ok else "failed" for s, o in outcomes.items()})
-    tracking.finish_run(runs.parent_id, all(o.ok for o in outcomes.values()), tracking_uri)
+    finish_run(runs.parent_id, all(o.ok for o in outcomes.values()), tracking_uri)
     return outcomes
 
 
-def _log_config(job: JobConfig, runs: tracking.SubmissionRuns, job_text: str | None, uri: str) -> None:
+def _log_config(job: JobConfig, runs: SubmissionRuns, job_text: str | None, uri: str) -> None:
     resolved = yaml.safe_dump(job_to_dict(job), sort_keys=False)
-    parent = tracking.RunLogger(runs.parent_id, uri)
+    parent = RunLogger(runs.parent_id, uri)
     parent.params(flatten(job_to_dict(job)))
     parent.artifact_text(resolved, "config/job_resolved.yaml")
     if job_text is not None:
@@ -125,7 +126,7 @@ def _log_config(job: JobConfig, runs: tracking.SubmissionRuns, job_text: str | N
         spec = job.stage(stage)
         params = {**flatten(dataclasses.asdict(spec)), **flatten({"model_config": config_to_dict(
             spec.model_config(stage))}), "run_name": job.run_name, "dataset": job.dataset}
-        tracking.RunLogger(run_id, uri).params(params)
+        RunLogger(run_id, uri).params(params)
 
 
 def local_cpus_needed(job: JobConfig) -> int:

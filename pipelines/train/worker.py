@@ -20,8 +20,8 @@ from torch import nn
 
 from coltran.models import build_model, count_parameters
 from coltran.optim import EMA, make_optimizer
-from pipelines.s3 import resolve_path
-from pipelines.tracking import RunLogger
+from pipelines.io.s3 import resolve_path
+from pipelines.tracking.runs import RunLogger
 from pipelines.train.config import TrainSpec, job_from_dict
 from pipelines.train.data import eval_batches, train_batches
 from pipelines.train.evaluation import evaluate, sample_grid

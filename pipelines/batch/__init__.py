@@ -1,0 +1,2 @@
+"""Batch colorization (`python -m pipelines.batch JOB.yaml`, `coltran colorize`): sources -> colour images and a
+manifest with one row per input, resumable."""

@@ -1,0 +1,2 @@
+"""What the Ray Data jobs that run the models share (batch colorization and evaluation): one actor class per model
+stage and the resource plan that sizes their actor pools from the cluster."""

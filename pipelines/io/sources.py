@@ -1,0 +1,263 @@
+"""The one reader layer: image files, folder trees and archives (tar, ImageNet's tar of tars, .tar.gz, zip) on
+any pyarrow filesystem -> a Ray Dataset {key, bytes, label, error, source}, one row per input; unsafe or
+unreadable archive members are rows with `error` and no bytes. Keys and labels: docs/preprocessing.md."""
+
+from __future__ import annotations
+
+import collections
+import posixpath
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.fs as pafs
+import ray
+
+from pipelines.io.archives import (
+    MAX_MEMBER_BYTES,
+    archive_suffix,
+    iter_archive,
+    iter_archive_bytes,
+    list_member_names,
+    name_problem,
+    strip_archive_suffix,
+)
+from pipelines.io.labels import Labeling, build_labeling
+from pipelines.io.s3 import resolve_path
+
+SOURCE_SCHEMA = pa.schema([("key", pa.string()), ("bytes", pa.binary()), ("label", pa.int64()),
+                           ("error", pa.string()), ("source", pa.string())])
+KeyFilter = Callable[[str], bool]
+
+
+def split_error(error: str) -> tuple[str, str]:
+    """("reason", "message") of an `error` value written as "reason: message"."""
+    reason, _, message = error.partition(": ")
+    return reason, message
+
+
+def join_key(prefix: str, name: str) -> str:
+    return f"{prefix}/{name}" if prefix else name
+
+
+@dataclass
+class SourcePlan:
+    """What the driver found by listing the sources: loose files and archives, grouped by filesystem."""
+
+    filesystems: list[pafs.FileSystem] = field(default_factory=list)
+    roots: list[list[tuple[str, str, bool]]] = field(default_factory=list)  # per fs: (root, source, is a file)
+    files: list[list[tuple[str, str]]] = field(default_factory=list)  # per fs: (path, key)
+    archives: list[list[dict[str, str]]] = field(default_factory=list)  # per fs: path, prefix, key, source
+    labeling: Labeling = field(default_factory=Labeling)
+
+    @property
+    def num_files(self) -> int:
+        return sum(len(f) for f in self.files)
+
+    @property
+    def num_archives(self) -> int:
+        return sum(len(a) for a in self.archives)
+
+    def to_dataset(self, key_filter: KeyFilter | None = None, rows_per_block: int = 32) -> ray.data.Dataset:
+        """The rows of every source whose key passes `key_filter` (a picklable function of the key).
+
+        Loose files are filtered on the listing, before they are read, and read inside the task that consumes
+        them, `rows_per_block` files to a block (so a consumer that writes one file per block gets files of that
+        size and fuses with the read); archive members are filtered while they stream past."""
+        if rows_per_block < 1:
+            raise ValueError(f"rows_per_block must be >= 1, got {rows_per_block}")
+        parts = []
+        for fs, roots, files, archives in zip(self.filesystems, self.roots, self.files, self.archives,
+                                              strict=True):
+            paths = [p for p, key in files if key_filter is None or key_filter(key)]
+            if paths:
+                listing = pa.table({"path": paths})
+                ds = ray.data.from_arrow([listing.slice(i, rows_per_block)
+                                          for i in range(0, len(paths), rows_per_block)])
+                parts.append(ds.map_batches(_file_rows, batch_format="pyarrow", batch_size=None,
+                                            fn_kwargs={"filesystem": fs, "roots": roots, "labeling": self.labeling}))
+            if archives:
+                parts.append(_archive_dataset(fs, archives, self.labeling, key_filter))
+        if not parts:
+            return ray.data.from_arrow(SOURCE_SCHEMA.empty_table())
+        return parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0]
+
+
+def plan_sources(srcs: list[str], *, filesystem: pafs.FileSystem | None = None, labels_file: str | None = None,
+                 infer_labels: bool = True, s3_endpoint: str | None = None) -> SourcePlan:
+    """List every source once on the driver (pyarrow's recursive listing; archives are scanned for class
+    names only when labels are inferred) and work out keys and labels."""
+    if not srcs:
+        raise ValueError("expected at least one source path or URI, got none")
+    plan, fs_index, seen = SourcePlan(), {}, []
+    labels_at = resolve_path(labels_file, filesystem, s3_endpoint) if labels_file else None
+    class_names: set[str] = set()
+    for src in srcs:
+        fs, path = resolve_path(src, filesystem, s3_endpoint)
+        idx = fs_index.setdefault(fs.type_name if filesystem is None else "given", len(plan.filesystems))
+        if idx == len(plan.filesystems):
+            plan.filesystems.append(fs)
+            plan.roots.append([]), plan.files.append([]), plan.archives.append([]), seen.append(set())
+        root, entries = _list_source(fs, path, src, labels_at[1] if labels_at else None)
+        single = root != path  # the source is one file, not a directory
+        plan.roots[idx].append((path, src, single))
+        stems = collections.Counter(strip_archive_suffix(k) for _, k in entries if archive_suffix(k))
+        for file_path, key in entries:
+            if file_path in seen[idx]:  # listed by an earlier source too: one input, read once
+                continue
+            seen[idx].add(file_path)
+            if archive_suffix(file_path) is None:
+                plan.files[idx].append((file_path, key))
+                if infer_labels and "/" in key:
+                    class_names.add(key.split("/", 1)[0])
+                continue
+            # `x.tar` contributes `x/` to its members' keys unless another archive (`x.zip`) has the same stem
+            prefix = "" if single else (strip_archive_suffix(key) if stems[strip_archive_suffix(key)] == 1 else key)
+            plan.archives[idx].append({"path": file_path, "prefix": prefix, "key": key, "source": src})
+            if infer_labels:
+                class_names |= _archive_classes(fs, file_path, prefix)
+    if infer_labels:
+        plan.labeling = build_labeling(class_names, labels_at)
+    return plan
+
+
+def read_sources(srcs: list[str], *, filesystem: pafs.FileSystem | None = None, labels_file: str | None = None,
+                 infer_labels: bool = True, key_filter: KeyFilter | None = None,
+                 s3_endpoint: str | None = None) -> ray.data.Dataset:
+    """Dataset of {key, bytes, label, error, source} over `srcs` (paths, `s3://` or other pyarrow URIs, each a
+    directory, an image file or an archive). With `infer_labels=False` nothing is scanned and labels are null."""
+    plan = plan_sources(srcs, filesystem=filesystem, labels_file=labels_file, infer_labels=infer_labels,
+                        s3_endpoint=s3_endpoint)
+    return plan.to_dataset(key_filter)
+
+
+def _list_source(fs: pafs.FileSystem, path: str, src: str,
+                 skip_path: str | None) -> tuple[str, list[tuple[str, str]]]:
+    """(root, [(file path, key relative to root)]) of one source; a single file's root is its folder."""
+    info = fs.get_file_info(path)
+    if info.type == pafs.FileType.File:
+        return posixpath.dirname(path), [(path, posixpath.basename(path))]
+    if info.type != pafs.FileType.Directory:
+        raise FileNotFoundError(f"source {src!r} is neither a file nor a directory (looked for {path!r})")
+    listing = fs.get_file_info(pafs.FileSelector(path, recursive=True))
+    entries = sorted((i.path, posixpath.relpath(i.path, path)) for i in listing
+                     if i.type == pafs.FileType.File and i.path != skip_path)
+    if not entries:
+        raise FileNotFoundError(f"source {src!r} holds no files")
+    return path, entries
+
+
+def _archive_classes(fs: pafs.FileSystem, path: str, prefix: str) -> set[str]:
+    """Class names (first key directories) that the archive's members will have: from the prefix when the
+    archive sits in a directory source, else from its safe member names (`n01440764/x.JPEG`, `n01440764.tar`)."""
+    if prefix:
+        return {prefix.split("/", 1)[0]}
+    classes = set()
+    for name in list_member_names(fs, path):
+        if name_problem(name, set()) is not None:
+            continue
+        if "/" in name:
+            classes.add(name.split("/", 1)[0])
+        elif archive_suffix(name):
+            classes.add(strip_archive_suffix(name))
+    return classes
+
+
+def _row(key: str, source: str, data: bytes | None = None, error: str | None = None,
+         archive: str = "") -> dict[str, Any]:
+    """A raw row between the archive stages; `archive` is the suffix of an inner archive still to expand."""
+    return {"key": key, "bytes": data, "error": error, "source": source, "archive": archive}
+
+
+def _expand_archive(row: dict[str, Any], *, filesystem: pafs.FileSystem,
+                    key_filter: KeyFilter | None) -> Iterator[dict[str, Any]]:
+    """First level: stream an archive file's members; inner archives come out as bytes for `_expand_inner`."""
+    prefix, source = row["prefix"], row["source"]
+    keep = None if key_filter is None else (lambda name: key_filter(join_key(prefix, name)))
+    for member in iter_archive(filesystem, row["path"], keep):
+        if not member.name:  # the archive itself is unreadable: one failure row keyed by the archive
+            if key_filter is None or key_filter(row["key"]):
+                yield _row(row["key"], source, error=member.error)
+        elif member.data is not None and archive_suffix(member.name):
+            key = join_key(prefix, strip_archive_suffix(member.name))
+            yield _row(key, source, data=member.data, archive=archive_suffix(member.name))
+        else:
+            yield _row(join_key(prefix, member.name), source, member.data, member.error)
+
+
+def _expand_inner(row: dict[str, Any], *, key_filter: KeyFilter | None) -> Iterator[dict[str, Any]]:
+    """Second level: expand an inner archive's bytes (ImageNet's per-class tars); deeper nesting is refused."""
+    if not row["archive"]:
+        yield row
+        return
+    prefix, source = row["key"], row["source"]
+    keep = None if key_filter is None else (lambda name: key_filter(join_key(prefix, name)))
+    for member in iter_archive_bytes(row["bytes"], prefix + row["archive"], keep):
+        key = join_key(prefix, member.name) if member.name else prefix
+        if not member.name and key_filter is not None and not key_filter(key):
+            continue
+        if member.data is not None and archive_suffix(member.name):
+            yield _row(key, source, error="nested_archive: archives nested more than two levels deep are not read")
+        else:
+            yield _row(key, source, member.data, member.error)
+
+
+def _archive_dataset(fs: pafs.FileSystem, archives: list[dict[str, str]], labeling: Labeling,
+                     key_filter: KeyFilter | None) -> ray.data.Dataset:
+    ds = ray.data.from_items(archives, override_num_blocks=len(archives))
+    # Different CPU shares keep Ray from fusing the two levels, so inner archives spread over tasks.
+    ds = ds.flat_map(_expand_archive, fn_kwargs={"filesystem": fs, "key_filter": key_filter}, num_cpus=0.5)
+    ds = ds.flat_map(_expand_inner, fn_kwargs={"key_filter": key_filter}, num_cpus=1)
+    return ds.map_batches(_conform, batch_format="pyarrow", batch_size=None, fn_kwargs={"labeling": labeling})
+
+
+def _conform(batch: pa.Table, *, labeling: Labeling) -> pa.Table:
+    keys = batch.column("key").to_pylist()
+    return pa.table({"key": keys, "bytes": batch.column("bytes").cast(pa.binary()),
+                     "label": pa.array([labeling.label(k) for k in keys], pa.int64()),
+                     "error": batch.column("error").cast(pa.string()),
+                     "source": batch.column("source").cast(pa.string())}, schema=SOURCE_SCHEMA)
+
+
+def _key_of(path: str, roots: list[tuple[str, str, bool]]) -> tuple[str, str]:
+    """(key, source) of a loose file: its name for a single-file source, else its path below the deepest
+    directory source holding it."""
+    for root, src, single in roots:
+        if single and path == root:
+            return posixpath.basename(path), src
+    root, src, _ = max((r for r in roots if not r[2] and path.startswith(r[0].rstrip("/") + "/")),
+                       key=lambda r: len(r[0]))
+    return posixpath.relpath(path, root), src
+
+
+def read_file_bytes(fs: pafs.FileSystem, path: str, limit: int = MAX_MEMBER_BYTES) -> tuple[bytes | None, str | None]:
+    """(bytes, None) of one file, or (None, "reason: message") when it cannot be read: gone, unreadable, or over
+    `limit` bytes (never read past it). Transient errors are retried twice; they are rare, and a failure row is
+    the job's record of the input either way."""
+    for attempt in range(3):
+        try:
+            with fs.open_input_stream(path) as f:
+                data = f.read(limit + 1)
+            if len(data) > limit:
+                return None, f"file_too_large: file is over the limit of {limit:,} bytes; not read"
+            return data, None
+        except (FileNotFoundError, PermissionError, IsADirectoryError) as exc:
+            return None, f"unreadable_file: {type(exc).__name__}: {exc}"
+        except OSError as exc:
+            if attempt == 2:
+                return None, f"unreadable_file: {type(exc).__name__}: {exc} (after 3 attempts)"
+            time.sleep(0.2 * 2**attempt)
+    raise AssertionError("unreachable")
+
+
+def _file_rows(batch: pa.Table, *, filesystem: pafs.FileSystem, roots: list[tuple[str, str, bool]],
+               labeling: Labeling) -> pa.Table:
+    """Read a block of listed files: {path} -> source rows; a file that cannot be read is an `error` row."""
+    paths = batch.column("path").to_pylist()
+    keys, sources = zip(*(_key_of(p, roots) for p in paths), strict=True) if paths else ((), ())
+    data, errors = zip(*(read_file_bytes(filesystem, p) for p in paths), strict=True) if paths else ((), ())
+    return pa.table({"key": list(keys), "bytes": pa.array(data, pa.binary()),
+                     "label": pa.array([labeling.label(k) for k in keys], pa.int64()),
+                     "error": pa.array(errors, pa.string()), "source": list(sources)}, schema=SOURCE_SCHEMA)

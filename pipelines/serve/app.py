@@ -1,0 +1,167 @@
+"""The ColTran Ray Serve application: `build_app` (import path `pipelines.serve.app:build_app`, used by
+`serve run jobs/serve.yaml`, `serve deploy` and KubeRay's RayService) and the `coltran serve` verb.
+
+The app: Ingress (FastAPI) -> Colorizer (batched) -> ColorUpsampler -> SpatialUpsampler, one deployment per
+stage; see pipelines/serve/ingress.py (HTTP) and pipelines/serve/deployments.py (the models)."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import sys
+import threading
+from dataclasses import dataclass, field, fields
+
+from coltran.configs import STAGE_NAMES
+
+APP_NAME = "coltran"
+DEFAULT_BATCH = {"colorizer": {"max_batch_size": 8, "batch_wait_timeout_s": 0.05},
+                 "color_upsampler": {"max_batch_size": 4, "batch_wait_timeout_s": 0.01},
+                 "spatial_upsampler": {"max_batch_size": 4, "batch_wait_timeout_s": 0.01}}
+
+
+@dataclass
+class StageSettings:
+    max_batch_size: int
+    batch_wait_timeout_s: float
+
+    def __post_init__(self):
+        if isinstance(self.max_batch_size, bool) or not isinstance(self.max_batch_size, int) or self.max_batch_size < 1:
+            raise ValueError(f"max_batch_size must be an integer >= 1, got {self.max_batch_size!r}")
+        if not isinstance(self.batch_wait_timeout_s, int | float) or self.batch_wait_timeout_s < 0:
+            raise ValueError(f"batch_wait_timeout_s must be a number >= 0, got {self.batch_wait_timeout_s!r}")
+
+
+@dataclass
+class AppSettings:
+    """`args` of the application (the `args:` mapping of a Serve config file), checked strictly."""
+
+    models: str | dict  # models directory, `models:/@<alias>`, or {stage: checkpoint dir or models:/ URI}
+    tracking_uri: str | None = None  # MLflow server for models:/ URIs (default: $MLFLOW_TRACKING_URI in replicas)
+    device: str | None = None  # cpu | cuda; default: cuda when the replica has a GPU
+    limits: dict = field(default_factory=dict)  # max_bytes, max_pixels, min_side (pipelines.serve.http.Limits)
+    colorizer: dict = field(default_factory=dict)  # max_batch_size, batch_wait_timeout_s
+    color_upsampler: dict = field(default_factory=dict)
+    spatial_upsampler: dict = field(default_factory=dict)
+
+    @classmethod
+    def from_args(cls, args: dict) -> AppSettings:
+        if not isinstance(args, dict):
+            raise TypeError(f"application args must be a mapping, got {type(args).__name__}")
+        valid = [f.name for f in fields(cls)]
+        unknown = sorted(set(args) - set(valid))
+        if unknown:
+            raise ValueError(f"unknown application args {unknown}; valid keys: {valid}")
+        if "models" not in args:
+            raise ValueError("application args need `models`: a models directory, models:/@<alias>, or a "
+                             f"mapping of {list(STAGE_NAMES)} to checkpoint directories or models:/ URIs")
+        settings = cls(**args)
+        settings.check()
+        return settings
+
+    def check(self) -> None:
+        from pipelines.serve.http import Limits
+
+        if isinstance(self.models, dict):
+            if sorted(self.models) != sorted(STAGE_NAMES):
+                raise ValueError(f"models mapping must have exactly the keys {list(STAGE_NAMES)}, "
+                                 f"got {sorted(self.models)}")
+        elif not isinstance(self.models, str) or not self.models:
+            raise ValueError(f"models must be a directory, a models:/ URI or a mapping, got {self.models!r}")
+        valid = [f.name for f in fields(Limits)]
+        if not isinstance(self.limits, dict):
+            raise ValueError(f"limits must be a mapping with keys {valid}, got {self.limits!r}")
+        if set(self.limits) - set(valid):
+            raise ValueError(f"unknown limits {sorted(set(self.limits) - set(valid))}; valid keys: {valid}")
+        Limits(**self.limits)  # raises on invalid values
+        for stage in STAGE_NAMES:
+            self.stage(stage)
+
+    def stage(self, stage: str) -> StageSettings:
+        given = getattr(self, stage)
+        unknown = sorted(set(given) - set(DEFAULT_BATCH[stage]))
+        if unknown:
+            raise ValueError(f"unknown {stage} args {unknown}; valid keys: {sorted(DEFAULT_BATCH[stage])}")
+        return StageSettings(**{**DEFAULT_BATCH[stage], **given})
+
+
+def build_app(args: dict):
+    """The application graph. Nothing is loaded here: each replica loads its own stage when it starts."""
+    from pipelines.serve.deployments import Colorizer, Upsampler
+    from pipelines.serve.ingress import Ingress
+
+    settings = AppSettings.from_args(dict(args))
+    common = {"models": settings.models, "device": settings.device, "tracking_uri": settings.tracking_uri}
+    col = settings.stage("colorizer")
+    # @serve.batch never fills a batch above the replica's max_ongoing_requests (a config file may override).
+    colorizer = Colorizer.options(max_ongoing_requests=max(32, 2 * col.max_batch_size)).bind(
+        max_batch_size=col.max_batch_size, batch_wait_timeout_s=col.batch_wait_timeout_s, **common)
+    upsamplers = {}
+    for stage, name in (("color_upsampler", "ColorUpsampler"), ("spatial_upsampler", "SpatialUpsampler")):
+        ups = settings.stage(stage)
+        upsamplers[stage] = Upsampler.options(name=name, max_ongoing_requests=max(16, 2 * ups.max_batch_size)).bind(
+            stage, max_batch_size=ups.max_batch_size, batch_wait_timeout_s=ups.batch_wait_timeout_s, **common)
+    return Ingress.bind(colorizer, upsamplers["color_upsampler"], upsamplers["spatial_upsampler"],
+                        limits=settings.limits)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from pipelines.serve.http import Limits
+
+    limits = Limits()
+    parser.add_argument("--models", required=True, help="models directory (DIR/colorizer, ...) or "
+                        "models:/@<alias> (the three registered stages at that alias, from MLflow)")
+    parser.add_argument("--host", default="127.0.0.1", help="HTTP host (default: loopback only)")
+    parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument("--ray-address", default=None, help="an existing Ray cluster; default: start a local "
+                        "one on 127.0.0.2 for as long as this command runs")
+    parser.add_argument("--num-cpus", type=int, default=None, help="CPUs of the local Ray (default: all)")
+    parser.add_argument("--device", default=None, help="cpu | cuda (default: cuda where a replica has a GPU)")
+    parser.add_argument("--tracking-uri", default=None, help="MLflow server for models:/ URIs")
+    parser.add_argument("--max-batch-size", type=int, default=DEFAULT_BATCH["colorizer"]["max_batch_size"],
+                        help="most requests the colorizer samples together")
+    parser.add_argument("--batch-wait-timeout-s", type=float,
+                        default=DEFAULT_BATCH["colorizer"]["batch_wait_timeout_s"],
+                        help="how long the colorizer waits to fill a batch")
+    parser.add_argument("--max-bytes", type=int, default=limits.max_bytes, help="request body limit (bytes)")
+    parser.add_argument("--max-pixels", type=int, default=limits.max_pixels, help="decoded image limit (pixels)")
+
+
+def app_args(args: argparse.Namespace) -> dict:
+    return {"models": args.models, "tracking_uri": args.tracking_uri, "device": args.device,
+            "colorizer": {"max_batch_size": args.max_batch_size, "batch_wait_timeout_s": args.batch_wait_timeout_s},
+            "limits": {"max_bytes": args.max_bytes, "max_pixels": args.max_pixels}}
+
+
+def run(args: argparse.Namespace) -> int:
+    """Start Ray (local unless --ray-address) and the app, print the URL, serve until Ctrl-C or SIGTERM."""
+    import ray
+    from ray import serve
+
+    settings = app_args(args)
+    app = build_app(settings)
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    if args.ray_address:
+        ray.init(address=args.ray_address)
+    else:
+        ray.init(_node_ip_address="127.0.0.2", num_cpus=args.num_cpus, object_store_memory=300_000_000,
+                 include_dashboard=False)
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    try:
+        serve.start(http_options={"host": args.host, "port": args.port})
+        serve.run(app, name=APP_NAME, route_prefix="/")
+        url = f"http://{'127.0.0.1' if args.host in ('0.0.0.0', '::') else args.host}:{args.port}/"
+        print(f"ColTran is serving at {url} (web page), {url}colorize (API), {url}docs (OpenAPI); "
+              "Ctrl-C stops it", flush=True)
+        while not stop.wait(1.0):
+            pass
+    except KeyboardInterrupt:
+        pass
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+    print("stopped", file=sys.stderr)
+    return 0
+
