@@ -37,6 +37,28 @@ def test_register_stage_leaves_the_global_tracking_uri_alone(tmp_path, monkeypat
     assert ckpt.meta["registered_name"] == "t-color-upsampler" and ckpt.meta["registered_version"] == "1"
 
 
+def test_registering_the_same_source_again_reuses_its_version(tmp_path):
+    """A re-submitted stage that had already finished hands the driver the same Ray checkpoint again: no new
+    version; a new checkpoint of the same run, or the same source from another run, is a new version."""
+    store = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(store)
+    experiment = client.create_experiment("reuse-test", artifact_location=(tmp_path / "artifacts").as_uri())
+    run_a, run_b = (client.create_run(experiment).info.run_id for _ in range(2))
+    models = init_models(tmp_path / "models", "test", seed=1)
+
+    def register(run_id: str, source: str | None, alias: str = "candidate") -> str:
+        return register_stage(models / "colorizer", run_id=run_id, name="reuse-colorizer", alias=alias,
+                              tracking_uri=store, source=source)
+
+    assert register(run_a, "runs/a/checkpoint_000003") == "1"
+    assert register(run_a, "runs/a/checkpoint_000003", alias="production") == "1"  # unchanged: reused
+    assert str(client.get_model_version_by_alias("reuse-colorizer", "production").version) == "1"
+    assert register(run_a, "runs/a/checkpoint_000004") == "2"  # trained on: a new version
+    assert register(run_b, "runs/a/checkpoint_000004") == "3"  # another run's registration is not reused
+    assert register(run_a, None) == "4"  # no source given: always a new version
+    assert str(client.get_model_version_by_alias("reuse-colorizer", "candidate").version) == "4"
+
+
 def _resolve_and_load(store: str, cache: str, start, rounds: int) -> list[str]:
     """In a child process: resolve the same registered version `rounds` times from a shared cache, each time
     loading the checkpoint at once (what the actors of one job on one node do)."""

@@ -202,21 +202,26 @@ def test_resubmission_continues_the_same_runs_and_a_failing_stage_spares_the_oth
         cluster_flow, mlflow_server, ray_pool_cluster):
     # The colour upsampler goes on to 20 steps; the colorizer (asked to go on past its 32 to 40) fails loudly on
     # resume (its checkpoint was made with another architecture) and must neither stop the colour upsampler nor
-    # pass unnoticed.
-    sets = ["stages.spatial_upsampler.enabled=false", "stages.color_upsampler.train.max_steps=20",
+    # pass unnoticed; the spatial upsampler had finished its steps: nothing to train, no new registered version.
+    sets = ["stages.color_upsampler.train.max_steps=20",
             "stages.colorizer.train.max_steps=40", "stages.colorizer.model.overrides.hidden_size=64",
             "stages.colorizer.train.max_failures=0"]
     command = f"python -m pipelines.train {cluster_flow.job_file} " + " ".join(f"--set {shlex.quote(s)}" for s in sets)
     command += "; echo exit=$?"
     client = mlflow_server.client()
-    name = NAMES["color_upsampler"]
+    name, spatial = NAMES["color_upsampler"], NAMES["spatial_upsampler"]
     before = {v.version for v in client.search_model_versions(f"name = '{name}'")}  # other tests register it too
+    spatial_before = {v.version for v in client.search_model_versions(f"name = '{spatial}'")}
     logs, seconds = _submit(ray_pool_cluster, command, cluster_flow.root / "resubmission.log")
     print(f"re-submission: {seconds:.1f} s")
     assert "exit=1" in logs and "stage(s) colorizer failed" in logs and "CheckpointError" in logs
     assert "stage color_upsampler: ok at step 20" in logs
+    assert f"stage spatial_upsampler: ok at step {PLAN['spatial_upsampler'][2]}, registered version " \
+           f"{cluster_flow.versions['spatial_upsampler']}" in logs
     client, parent, runs, children = _runs(mlflow_server)
     assert len(children) == 3
+    assert {v.version for v in client.search_model_versions(f"name = '{spatial}'")} == spatial_before
+    assert runs["spatial_upsampler"].data.tags["coltran.final_step"] == str(PLAN["spatial_upsampler"][2])
     up = runs["color_upsampler"]
     assert up.data.tags["coltran.restored_from_step"] == "16" and up.data.tags["coltran.final_step"] == "20"
     assert _history(client, up, "loss")[-1][0] == 20

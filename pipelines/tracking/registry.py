@@ -65,11 +65,34 @@ def _fluent_tracking_uri(uri: str | None):
             os.environ[TRACKING_ENV] = saved_env
 
 
+SOURCE_TAG = "coltran.source"  # model version tag: what was registered (e.g. the Ray Train checkpoint path)
+
+
 def register_stage(checkpoint_dir: str | Path, *, run_id: str, name: str, alias: str | None = "candidate",
-                   tracking_uri: str | None = None) -> str:
+                   tracking_uri: str | None = None, source: str | None = None) -> str:
     """Log `checkpoint_dir` (a coltran checkpoint) as a pyfunc model in run `run_id`, register it as `name`
-    and point `alias` at the new version; returns the version."""
+    and point `alias` at the version; returns the version. With `source` (what the checkpoint was made from), a
+    version of this run already registered from the same source is reused: re-submitting a finished stage
+    registers nothing new."""
     checkpoint_dir = Path(checkpoint_dir)
+    client = MlflowClient(tracking_uri)
+    version = _registered_from(client, name, run_id, source) if source else None
+    if version is None:
+        version = _log_and_register(checkpoint_dir, run_id, name, tracking_uri)
+        if source:
+            client.set_model_version_tag(name, version, SOURCE_TAG, source)
+    if alias:
+        client.set_registered_model_alias(name, alias, version)
+    return version
+
+
+def _registered_from(client: MlflowClient, name: str, run_id: str, source: str) -> str | None:
+    found = [v.version for v in client.search_model_versions(f"name = '{name}' and run_id = '{run_id}'")
+             if v.tags.get(SOURCE_TAG) == source]
+    return str(max(found, key=int)) if found else None
+
+
+def _log_and_register(checkpoint_dir: Path, run_id: str, name: str, tracking_uri: str | None) -> str:
     config = load_config(checkpoint_dir / "config.yaml")
     requirements = [f"torch=={torch.__version__.split('+')[0]}", "numpy", "safetensors", "pyyaml", "pillow",
                     f"mlflow=={mlflow.__version__}"]
@@ -79,10 +102,7 @@ def register_stage(checkpoint_dir: str | Path, *, run_id: str, name: str, alias:
                 name=config.stage, python_model=str(PYFUNC_FILE), artifacts={"checkpoint": str(checkpoint_dir)},
                 code_paths=[str(Path(coltran.__file__).parent)], signature=stage_signature(config),
                 pip_requirements=requirements, registered_model_name=name)
-    version = str(info.registered_model_version)
-    if alias:
-        MlflowClient(tracking_uri).set_registered_model_alias(name, alias, version)
-    return version
+    return str(info.registered_model_version)
 
 
 def resolve_models(spec: str | Path, *, dest: str | Path | None = None, tracking_uri: str | None = None,

@@ -83,7 +83,7 @@ def run_stage(job: JobConfig, stage: str, run_id: str, tracking_uri: str) -> Sta
             outcome.models_dir = str(target) if job.models_dir else None
             outcome.version = register_stage(
                 target, run_id=run_id, name=getattr(job.mlflow.registered_models, stage),
-                alias=job.mlflow.alias, tracking_uri=tracking_uri)
+                alias=job.mlflow.alias, tracking_uri=tracking_uri, source=result.checkpoint.path)
     except Exception as err:  # one stage failing must not stop the others
         traceback.print_exc()
         outcome = StageOutcome(stage, ok=False, error=f"{type(err).__name__}: {err}")
