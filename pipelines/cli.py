@@ -30,6 +30,8 @@ def _add_colorize(sub) -> None:
     p.add_argument("--crop", choices=("full", "center"), default="full")
     p.add_argument("--format", choices=("png", "jpeg"), default="png")
     p.add_argument("--device", default=None, help="cpu | cuda (default: cuda when available)")
+    p.add_argument("--contact-sheet", action="store_true",
+                   help="also write OUT/contact_sheet.png: each gray input, its colourings and the original")
     p.add_argument("--batch", action="store_true", help="force the Ray Data batch job even for single files")
     p.add_argument("--ray-address", default=None, help="Ray cluster address for the batch job (default: local)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",

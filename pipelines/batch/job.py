@@ -30,7 +30,7 @@ import ray
 
 from coltran.configs import STAGE_NAMES
 from pipelines.batch.manifest import begin_attempt, counts, done_identities, finish_attempt, read_parts
-from pipelines.batch.outputs import source_labels
+from pipelines.batch.outputs import source_labels, write_contact_sheet
 from pipelines.batch.settings import BatchSettings, load_settings, settings_from_args
 from pipelines.batch.sources import build_inputs
 from pipelines.inference.plan import (
@@ -179,10 +179,15 @@ def run_cli(args: argparse.Namespace) -> int:
     """`coltran colorize` for folders, archives, prefixes, Parquet, models:/ URIs or --batch; 2 when the
     resource plan is refused (the message says what it needs)."""
     try:
-        return run_batch(settings_from_args(args), ray_address=args.ray_address).exit_code
+        settings = settings_from_args(args)
+        summary = run_batch(settings, ray_address=args.ray_address)
     except PlanError as err:
         print(f"error: {err}", file=sys.stderr, flush=True)
         return 2
+    if getattr(args, "contact_sheet", False):
+        sheet = write_contact_sheet(settings.out, settings.sources, s3_endpoint=settings.s3_endpoint)
+        print(f"contact sheet: {sheet or '(none: no image was colorized)'}", file=sys.stderr, flush=True)
+    return summary.exit_code
 
 
 def main(argv: list[str] | None = None) -> int:
