@@ -8,27 +8,33 @@ from __future__ import annotations
 
 import argparse
 import os
+import secrets
 import signal
 import sys
+import tempfile
 import threading
 from dataclasses import dataclass, field, fields
+from pathlib import Path
 
 from coltran.configs import STAGE_NAMES
 
 APP_NAME = "coltran"
+# Upsamplers' max_batch_size None: decided by each replica's device (4 on a GPU, 1 on a CPU, where batching the
+# parallel upsamplers costs more than it saves; see benchmarks/serve.py).
 DEFAULT_BATCH = {"colorizer": {"max_batch_size": 8, "batch_wait_timeout_s": 0.05},
-                 "color_upsampler": {"max_batch_size": 4, "batch_wait_timeout_s": 0.01},
-                 "spatial_upsampler": {"max_batch_size": 4, "batch_wait_timeout_s": 0.01}}
+                 "color_upsampler": {"max_batch_size": None, "batch_wait_timeout_s": 0.01},
+                 "spatial_upsampler": {"max_batch_size": None, "batch_wait_timeout_s": 0.01}}
 
 
 @dataclass
 class StageSettings:
-    max_batch_size: int
+    max_batch_size: int | None
     batch_wait_timeout_s: float
 
     def __post_init__(self):
-        if isinstance(self.max_batch_size, bool) or not isinstance(self.max_batch_size, int) or self.max_batch_size < 1:
-            raise ValueError(f"max_batch_size must be an integer >= 1, got {self.max_batch_size!r}")
+        size = self.max_batch_size
+        if size is not None and (isinstance(size, bool) or not isinstance(size, int) or size < 1):
+            raise ValueError(f"max_batch_size must be an integer >= 1 (or null: by device), got {size!r}")
         if not isinstance(self.batch_wait_timeout_s, int | float) or self.batch_wait_timeout_s < 0:
             raise ValueError(f"batch_wait_timeout_s must be a number >= 0, got {self.batch_wait_timeout_s!r}")
 
@@ -40,7 +46,8 @@ class AppSettings:
     models: str | dict  # models directory, `models:/@<alias>`, or {stage: checkpoint dir or models:/ URI}
     tracking_uri: str | None = None  # MLflow server for models:/ URIs (default: $MLFLOW_TRACKING_URI in replicas)
     device: str | None = None  # cpu | cuda; default: cuda when the replica has a GPU
-    limits: dict = field(default_factory=dict)  # max_bytes, max_pixels, min_side (pipelines.serve.http.Limits)
+    limits: dict = field(default_factory=dict)  # max_bytes, max_pixels, ..., timeout_s (pipelines.serve.http.Limits)
+    auth: dict = field(default_factory=dict)  # token_file, token_env, disabled (pipelines.serve.http.Auth)
     colorizer: dict = field(default_factory=dict)  # max_batch_size, batch_wait_timeout_s
     color_upsampler: dict = field(default_factory=dict)
     spatial_upsampler: dict = field(default_factory=dict)
@@ -61,7 +68,7 @@ class AppSettings:
         return settings
 
     def check(self) -> None:
-        from pipelines.serve.http import Limits
+        from pipelines.serve.http import Auth, Limits
 
         if isinstance(self.models, dict):
             if sorted(self.models) != sorted(STAGE_NAMES):
@@ -75,6 +82,10 @@ class AppSettings:
         if set(self.limits) - set(valid):
             raise ValueError(f"unknown limits {sorted(set(self.limits) - set(valid))}; valid keys: {valid}")
         Limits(**self.limits)  # raises on invalid values
+        valid = [f.name for f in fields(Auth)]
+        if not isinstance(self.auth, dict) or set(self.auth) - set(valid):
+            raise ValueError(f"auth must be a mapping with keys {valid}, got {self.auth!r}")
+        Auth(**self.auth)
         for stage in STAGE_NAMES:
             self.stage(stage)
 
@@ -100,14 +111,15 @@ def build_app(args: dict):
     upsamplers = {}
     for stage, name in (("color_upsampler", "ColorUpsampler"), ("spatial_upsampler", "SpatialUpsampler")):
         ups = settings.stage(stage)
-        upsamplers[stage] = Upsampler.options(name=name, max_ongoing_requests=max(16, 2 * ups.max_batch_size)).bind(
+        ongoing = max(16, 2 * (ups.max_batch_size or 4))
+        upsamplers[stage] = Upsampler.options(name=name, max_ongoing_requests=ongoing).bind(
             stage, max_batch_size=ups.max_batch_size, batch_wait_timeout_s=ups.batch_wait_timeout_s, **common)
     return Ingress.bind(colorizer, upsamplers["color_upsampler"], upsamplers["spatial_upsampler"],
-                        limits=settings.limits)
+                        limits=settings.limits, auth=settings.auth)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from pipelines.serve.http import Limits
+    from pipelines.serve.http import TOKEN_ENV, Limits
 
     limits = Limits()
     parser.add_argument("--models", required=True, help="models directory (DIR/colorizer, ...) or "
@@ -124,14 +136,49 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-wait-timeout-s", type=float,
                         default=DEFAULT_BATCH["colorizer"]["batch_wait_timeout_s"],
                         help="how long the colorizer waits to fill a batch")
+    parser.add_argument("--upsampler-max-batch-size", type=int, default=None, help="requests each upsampler "
+                        "takes together (default: 4 on a GPU, 1 on a CPU)")
+    parser.add_argument("--object-store-memory", type=int, default=None, help="bytes of the local Ray's object "
+                        "store (default: Ray's, 30%% of memory)")
     parser.add_argument("--max-bytes", type=int, default=limits.max_bytes, help="request body limit (bytes)")
     parser.add_argument("--max-pixels", type=int, default=limits.max_pixels, help="decoded image limit (pixels)")
+    parser.add_argument("--max-output-pixels", type=int, default=limits.max_output_pixels,
+                        help="most output pixels (width x height x num_samples) one request may ask for")
+    parser.add_argument("--max-in-flight", type=int, default=limits.max_in_flight, help="requests the ingress "
+                        "takes on at once; more get 429 with Retry-After")
+    parser.add_argument("--timeout-s", type=float, default=limits.timeout_s, help="time budget of a request (504)")
+    token = parser.add_mutually_exclusive_group()
+    token.add_argument("--token-file", default=None, help=f"file holding the API token (default: ${TOKEN_ENV}, "
+                       "else a new token is generated and printed)")
+    token.add_argument("--no-auth", action="store_true", help="serve without an API token (logged as a warning)")
 
 
 def app_args(args: argparse.Namespace) -> dict:
+    upsampler = {"max_batch_size": args.upsampler_max_batch_size}
     return {"models": args.models, "tracking_uri": args.tracking_uri, "device": args.device,
             "colorizer": {"max_batch_size": args.max_batch_size, "batch_wait_timeout_s": args.batch_wait_timeout_s},
-            "limits": {"max_bytes": args.max_bytes, "max_pixels": args.max_pixels}}
+            "color_upsampler": upsampler, "spatial_upsampler": upsampler,
+            "limits": {"max_bytes": args.max_bytes, "max_pixels": args.max_pixels, "timeout_s": args.timeout_s,
+                       "max_output_pixels": args.max_output_pixels, "max_in_flight": args.max_in_flight}}
+
+
+def token_settings(args: argparse.Namespace, private_dir: Path) -> tuple[dict, str]:
+    """`auth` args and what to print: --no-auth, --token-file, $COLTRAN_SERVE_TOKEN, or a new token (written to a
+    private file the ingress replica reads, so that it never appears in Serve's config)."""
+    from pipelines.serve.http import TOKEN_ENV
+
+    if args.no_auth:
+        return {"disabled": True}, "WARNING: authentication is off (--no-auth): anyone who can reach the port can use it"
+    if args.token_file:
+        return {"token_file": str(Path(args.token_file).resolve())}, f"API token: the one in {args.token_file}"
+    token, said = os.environ.get(TOKEN_ENV, "").strip(), f"API token: the one in ${TOKEN_ENV}"
+    if not token:
+        token = secrets.token_hex(32)
+        said = f"API token: {token}  (header 'Authorization: Bearer <token>'; the web page asks for it once)"
+    path = private_dir / "api_token"
+    path.touch(mode=0o600)
+    path.write_text(token)
+    return {"token_file": str(path)}, said
 
 
 def run(args: argparse.Namespace) -> int:
@@ -139,13 +186,14 @@ def run(args: argparse.Namespace) -> int:
     import ray
     from ray import serve
 
-    settings = app_args(args)
-    app = build_app(settings)
+    private_dir = tempfile.TemporaryDirectory(prefix="coltran-serve-")  # mode 0700
+    auth, token_line = token_settings(args, Path(private_dir.name))
+    app = build_app({**app_args(args), "auth": auth})
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     if args.ray_address:
         ray.init(address=args.ray_address)
     else:
-        ray.init(_node_ip_address="127.0.0.2", num_cpus=args.num_cpus, object_store_memory=300_000_000,
+        ray.init(_node_ip_address="127.0.0.2", num_cpus=args.num_cpus, object_store_memory=args.object_store_memory,
                  include_dashboard=False)
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
@@ -154,7 +202,7 @@ def run(args: argparse.Namespace) -> int:
         serve.run(app, name=APP_NAME, route_prefix="/")
         url = f"http://{'127.0.0.1' if args.host in ('0.0.0.0', '::') else args.host}:{args.port}/"
         print(f"ColTran is serving at {url} (web page), {url}colorize (API), {url}docs (OpenAPI); "
-              "Ctrl-C stops it", flush=True)
+              f"Ctrl-C stops it\n{token_line}", flush=True)
         while not stop.wait(1.0):
             pass
     except KeyboardInterrupt:
@@ -162,6 +210,7 @@ def run(args: argparse.Namespace) -> int:
     finally:
         serve.shutdown()
         ray.shutdown()
+        private_dir.cleanup()
     print("stopped", file=sys.stderr)
     return 0
 

@@ -16,6 +16,7 @@ from ray import serve
 from coltran.configs import STAGE_NAMES
 from coltran.pipeline import ColTranPipeline
 
+UPSAMPLER_AUTO_BATCH = {True: 4, False: 1}  # on a GPU?: max_batch_size when the app's args leave it out
 UPSAMPLER_STEPS = {"color_upsampler": "upsample_colors", "spatial_upsampler": "upsample_spatial"}
 
 
@@ -63,7 +64,8 @@ def run_colorize_calls(steps: ColTranPipeline, calls: list[ColorizeCall]) -> lis
     return results
 
 
-@serve.deployment(name="Colorizer", max_ongoing_requests=32, ray_actor_options={"num_cpus": 0.25})
+@serve.deployment(name="Colorizer", max_ongoing_requests=32, max_queued_requests=64,
+                  ray_actor_options={"num_cpus": 0.25})
 class Colorizer:
     """Step 2. Concurrent requests are gathered into one sampling pass (the autoregressive loop costs nearly
     the same for 1 or 16 images on a GPU, and its per-pixel overhead dominates on a CPU)."""
@@ -77,12 +79,18 @@ class Colorizer:
         self.max_batch_size = int(max_batch_size)
         self.batch_sizes: deque[int] = deque(maxlen=10_000)
         self.batch_seconds: deque[float] = deque(maxlen=10_000)
+        self.cancelled = 0
 
     async def colorize(self, gray_64: np.ndarray, seed: int, num_samples: int, temperature: float,
                        mode: str) -> np.ndarray:
-        """gray (64, 64) uint8 -> 3-bit colours (num_samples, 64, 64, 3) uint8."""
-        return await self.colorize_batch(ColorizeCall(np.asarray(gray_64), int(seed), int(num_samples),
-                                                      float(temperature), str(mode)))
+        """gray (64, 64) uint8 -> 3-bit colours (num_samples, 64, 64, 3) uint8. A call cancelled by its caller
+        (time budget, client gone) while waiting for its batch is left out of the batch."""
+        try:
+            return await self.colorize_batch(ColorizeCall(np.asarray(gray_64), int(seed), int(num_samples),
+                                                          float(temperature), str(mode)))
+        except asyncio.CancelledError:
+            self.cancelled += 1
+            raise
 
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.05)
     async def colorize_batch(self, calls: list[ColorizeCall]) -> list[np.ndarray]:
@@ -96,30 +104,36 @@ class Colorizer:
     def stats(self) -> dict:
         """This replica's batching record: the number of requests in each sampling pass, oldest first."""
         return {"max_batch_size": self.max_batch_size, "batch_sizes": list(self.batch_sizes),
-                "batch_seconds": [round(s, 4) for s in self.batch_seconds]}
+                "batch_seconds": [round(s, 4) for s in self.batch_seconds], "cancelled": self.cancelled}
 
     def reset_stats(self) -> None:
         self.batch_sizes.clear()
         self.batch_seconds.clear()
+        self.cancelled = 0
 
     def info(self) -> dict:
         return self.steps.model_info
 
 
-@serve.deployment(max_ongoing_requests=16, ray_actor_options={"num_cpus": 0.25})
+@serve.deployment(max_ongoing_requests=16, max_queued_requests=64, ray_actor_options={"num_cpus": 0.25})
 class Upsampler:
     """Step 3 (deployed as ColorUpsampler) or step 4 (SpatialUpsampler): parallel argmax prediction, with
-    concurrent requests gathered into one call."""
+    concurrent requests gathered into one call (on a GPU; on a CPU batching costs more than it saves, so the
+    default there is one request at a time)."""
 
-    def __init__(self, stage: str, models: str | dict, max_batch_size: int = 4, batch_wait_timeout_s: float = 0.01,
-                 device: str | None = None, tracking_uri: str | None = None):
+    def __init__(self, stage: str, models: str | dict, max_batch_size: int | None = None,
+                 batch_wait_timeout_s: float = 0.01, device: str | None = None, tracking_uri: str | None = None):
         if stage not in UPSAMPLER_STEPS:
             raise ValueError(f"Upsampler stage must be one of {sorted(UPSAMPLER_STEPS)}, got {stage!r}")
         self.steps = ColTranPipeline.for_stage(stage, stage_checkpoint_dir(models, stage, tracking_uri),
-                                               device=device, upsampler_batch_size=int(max_batch_size))
+                                               device=device)
+        if max_batch_size is None:  # auto: the device this replica got decides
+            max_batch_size = UPSAMPLER_AUTO_BATCH[self.steps.device.type == "cuda"]
+        self.max_batch_size = self.steps.upsampler_batch_size = int(max_batch_size)
         self.step = getattr(self.steps, UPSAMPLER_STEPS[stage])
-        self.upsample_batch.set_max_batch_size(int(max_batch_size))
+        self.upsample_batch.set_max_batch_size(self.max_batch_size)
         self.upsample_batch.set_batch_wait_timeout_s(float(batch_wait_timeout_s))
+        self.batch_sizes: deque[int] = deque(maxlen=10_000)
 
     async def upsample(self, gray: np.ndarray, colors: np.ndarray) -> np.ndarray:
         """One image's gray (H, W) and its samples' colours (S, h, w, 3) -> (S, H', W', 3) uint8."""
@@ -130,10 +144,15 @@ class Upsampler:
         return await asyncio.to_thread(self._run, items)
 
     def _run(self, items: list[tuple[np.ndarray, np.ndarray]]) -> list[np.ndarray]:
+        self.batch_sizes.append(len(items))
         counts = [len(colors) for _, colors in items]
         gray = np.concatenate([np.repeat(g[None], n, axis=0) for (g, _), n in zip(items, counts, strict=True)])
         out = self.step(gray, np.concatenate([colors for _, colors in items]))  # (sum S, H', W', 3)
         return np.split(out, np.cumsum(counts)[:-1])
 
+    def stats(self) -> dict:
+        return {"max_batch_size": self.max_batch_size, "batch_sizes": list(self.batch_sizes)}
+
     def info(self) -> dict:
-        return self.steps.model_info
+        return {stage: {**info, "max_batch_size": self.max_batch_size}
+                for stage, info in self.steps.model_info.items()}
