@@ -91,3 +91,12 @@ def cluster_flow(ray_pool_cluster, mlflow_server, tmp_path_factory) -> Flow:
     """The session's one training submission (preprocess, train, batch colorize) on the pool cluster."""
     require_shared_data(SAMPLE)
     return run_flow(ray_pool_cluster, mlflow_server, tmp_path_factory.mktemp("cluster-flow"))
+
+
+@pytest.fixture(scope="session")
+def served_app(tmp_path_factory, service_mark):
+    """`coltran serve` (its own Ray, its generated API token) for the whole session: HTTP and browser tests."""
+    from served_app import run_served_app
+
+    with run_served_app(tmp_path_factory.mktemp("served-app"), f"{service_mark}/served-app") as app:
+        yield app

@@ -1,21 +1,17 @@
-"""The web page in a real browser: `coltran serve` (its own local Ray) in a subprocess, headless Debian
-Chromium driven by Playwright; upload a photo, see the gray input and the colourings, download one."""
+"""The web page in a real browser: the session's `coltran serve` (tests/served_app.py, shared with test_serve.py),
+headless Debian Chromium driven by Playwright; the page asks for the API token once, then: upload a photo, see the
+gray input and the colourings, download one."""
 
 from __future__ import annotations
 
 import io
-import re
-import signal
-import subprocess
 from pathlib import Path
 
 import pytest
 from PIL import Image
-from services import VENV_BIN, free_port, log_tail, service_env, stop_marked, wait_until
 from shared_data import in_ci, needs_shared_data
 
 from coltran.imageio import decode_image
-from coltran.init_models import init_models
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
@@ -30,52 +26,41 @@ pytestmark = [pytest.mark.ray, pytest.mark.slow,
               needs_shared_data(PHOTO)]
 
 
-@pytest.fixture(scope="module")
-def server_url(tmp_path_factory, service_mark):
-    """`coltran serve` as a user runs it; the URL it prints once the app is ready."""
-    root = tmp_path_factory.mktemp("web")
-    models = init_models(root / "models", "test")
-    log, mark = root / "serve.log", f"{service_mark}/serve-web"
-    cmd = [str(VENV_BIN / "coltran"), "serve", "--models", str(models), "--port", str(free_port()),
-           "--num-cpus", "2"]
-    with open(log, "wb") as out:
-        proc = subprocess.Popen(cmd, env=service_env(mark, {"RAY_USAGE_STATS_ENABLED": "0"}), stdout=out,
-                                stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
-
-    def printed_url() -> str | None:
-        if proc.poll() is not None:
-            raise AssertionError(f"coltran serve exited with {proc.returncode}\n{log_tail(log)}")
-        found = re.search(r"ColTran is serving at (http://127\.0\.0\.1:\d+/)", log.read_text(errors="replace"))
-        return found.group(1) if found else None
-
-    try:
-        wait_until(lambda: printed_url() is not None, 300, "coltran serve", lambda: log_tail(log))
-        yield printed_url()
-    finally:
-        proc.send_signal(signal.SIGINT)  # the verb shuts Serve and its Ray down itself
-        try:
-            proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            pass
-        stop_marked(mark, "coltran serve")  # and anything of its Ray that outlived it
-
-
 @pytest.fixture
-def page(server_url):
+def browser_page(served_app):
+    """A fresh browser session on the page (no token stored yet)."""
     from playwright.sync_api import sync_playwright
 
     with sync_playwright() as pw:
         browser = pw.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
         try:
             page = browser.new_page(viewport={"width": 1280, "height": 900}, accept_downloads=True)
-            page.goto(server_url)
+            page.goto(f"{served_app.url}/")
             yield page
         finally:
             browser.close()
 
 
+def enter_token(page, token: str) -> None:
+    page.wait_for_selector("#auth", state="visible", timeout=60_000)  # the page asks: the service wants a token
+    page.wait_for_selector("body[data-auth=checked]", state="attached", timeout=60_000)
+    page.fill("#token", token)
+    page.click("#save-token")
+    assert page.is_hidden("#auth")
+
+
+@pytest.fixture
+def page(browser_page, served_app):
+    """The page with the token entered once, as a user does."""
+    enter_token(browser_page, served_app.token)
+    return browser_page
+
+
 def test_upload_shows_gray_input_and_colourings(page, tmp_path):
     height, width = decode_image(PHOTO.read_bytes()).size
+    page.reload()  # the token is kept for the browser session: not asked again
+    page.wait_for_selector("body[data-auth=checked]", state="attached", timeout=60_000)
+    assert page.is_hidden("#auth")
     page.fill("#num_samples", "2")
     page.fill("#seed", "5")
     page.set_input_files("#file", str(PHOTO))  # choosing a file starts the request
@@ -107,3 +92,21 @@ def test_dropped_non_image_shows_the_error(page):
     assert "415" in status and "not_an_image" in status, status
     assert page.eval_on_selector_all("#results img", "imgs => imgs.length") == 0
     assert page.is_enabled("#run")
+
+
+def test_wrong_token_is_refused_and_asked_again(browser_page, served_app):
+    """A wrong token: the server's 401 shows on the page, the token is forgotten and asked for again; the right
+    one then works."""
+    enter_token(browser_page, "0" * 64)
+    browser_page.set_input_files("#file", str(PHOTO))
+    browser_page.wait_for_selector("#status.error", timeout=60_000)
+    status = browser_page.inner_text("#status")
+    assert "401" in status and "unauthorized" in status, status
+    assert browser_page.is_visible("#auth")
+    assert browser_page.evaluate("() => sessionStorage.getItem('coltran-api-token')") is None
+    browser_page.select_option("#resolution", "256")
+    browser_page.fill("#num_samples", "1")
+    browser_page.fill("#token", served_app.token)
+    browser_page.click("#save-token")  # with a photo chosen, saving the token colorizes it
+    browser_page.wait_for_function(ALL_LOADED, arg=2, timeout=300_000)
+    assert browser_page.eval_on_selector_all("#results img", "imgs => imgs.map(i => i.naturalWidth)") == [256, 256]
