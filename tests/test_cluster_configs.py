@@ -150,9 +150,24 @@ def test_kuberay_images_are_the_project_image_built_by_cluster_dockerfile():
                 assert (ROOT / source).exists(), f"cluster/Dockerfile copies {source}, which is not in the repo"
 
 
+def without_serve_token(spec: dict) -> dict:
+    """The RayService's cluster spec less the Serve API token its cpu workers take from a secret (the one
+    difference allowed: the Ingress runs there)."""
+    import copy
+
+    spec = copy.deepcopy(spec)
+    for group in spec["workerGroupSpecs"]:
+        for container in group["template"]["spec"]["containers"]:
+            env = [e for e in container.get("env", []) if e["name"] != "COLTRAN_SERVE_TOKEN"]
+            container.pop("env", None)
+            if env:
+                container["env"] = env
+    return spec
+
+
 def test_rayjob_and_rayservice_embed_the_raycluster_spec():
     assert cluster_spec("rayjob") == cluster_spec("raycluster")
-    assert cluster_spec("rayservice") == cluster_spec("raycluster")
+    assert without_serve_token(cluster_spec("rayservice")) == cluster_spec("raycluster")
 
 
 def runnable_module_file(module: str) -> Path | None:
@@ -247,6 +262,23 @@ def test_rayservice_serve_config_matches_jobs_serve_yaml():
         assert ours[name].get("route_prefix", "/") == app.get("route_prefix", "/")
         pinned = deployment_pools(app)
         assert {d: deployment_pools(ours[name]).get(d) for d in pinned} == pinned, "deployment pools differ"
+
+
+def test_serve_configs_ship_with_authentication_and_bounded_queues():
+    """Neither jobs/serve.yaml nor the RayService turns the API token off; the RayService's Ingress pool gets the
+    token from a Kubernetes secret; every deployment has a bounded queue."""
+    apps = [*load(ROOT / "jobs" / "serve.yaml")["applications"], *serve_config("rayservice")["applications"]]
+    for app in apps:
+        auth = app["args"].get("auth", {})
+        assert auth.get("disabled") is not True and (auth.get("token_env") or auth.get("token_file")), auth
+        for dep in app["deployments"]:
+            assert isinstance(dep.get("max_queued_requests"), int) and dep["max_queued_requests"] > 0, dep
+    token_env = yaml.safe_load(load(KUBERAY["rayservice"])["spec"]["serveConfigV2"])["applications"][0]["args"][
+        "auth"]["token_env"]
+    groups = load(KUBERAY["rayservice"])["spec"]["rayClusterConfig"]["workerGroupSpecs"]
+    cpu = next(g for g in groups if g["labels"].get("pool") == "cpu")
+    env = {e["name"]: e for c in cpu["template"]["spec"]["containers"] for e in c.get("env", [])}
+    assert "secretKeyRef" in env[token_env]["valueFrom"], env
 
 
 def test_required_job_files_exist_and_pin_pools():

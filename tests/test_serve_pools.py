@@ -4,6 +4,7 @@ labelled pool cluster (tests/ray_pool.py): every stage's replica lands on its ow
 from __future__ import annotations
 
 import json
+import secrets
 import subprocess
 import time
 import urllib.request
@@ -25,13 +26,16 @@ DEPLOYMENT_POOLS = {"Colorizer": "colorizer", "ColorUpsampler": "color_upsampler
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
 
-def _local_copy(tmp_path: Path, models: Path, port: int) -> Path:
-    """The job file with only what a laptop needs changed: local models, no MLflow, a free loopback port and one
-    HTTP proxy (all the test cluster's nodes share one loopback address, so only one can bind the port)."""
+def _local_copy(tmp_path: Path, models: Path, port: int, token_file: Path) -> Path:
+    """The job file with only what a laptop needs changed: local models, no MLflow, a free loopback port, one
+    HTTP proxy (all the test cluster's nodes share one loopback address, so only one can bind the port), and the
+    API token from a file rather than the nodes' environment."""
     config = yaml.safe_load(JOB_FILE.read_text())
     config["http_options"] = {"host": "127.0.0.1", "port": port}
     config["proxy_location"] = "HeadOnly"
-    config["applications"][0]["args"].update(models=str(models), tracking_uri=None)
+    assert config["applications"][0]["args"]["auth"].get("disabled") is not True
+    config["applications"][0]["args"].update(models=str(models), tracking_uri=None,
+                                             auth={"token_file": str(token_file)})
     path = tmp_path / "serve.yaml"
     path.write_text(yaml.safe_dump(config))
     return path
@@ -58,7 +62,9 @@ def test_job_file_deploys_each_stage_on_its_pool(ray_pool_cluster, tmp_path):
     ServeDeploySchema.model_validate(yaml.safe_load(JOB_FILE.read_text()))
     models = init_models(tmp_path / "models", "test")
     port = free_port()
-    config = _local_copy(tmp_path, models, port)
+    token = secrets.token_hex(32)
+    (tmp_path / "token").write_text(token)
+    config = _local_copy(tmp_path, models, port, tmp_path / "token")
     run = subprocess.run([str(VENV_BIN / "serve"), "run", "--non-blocking", "--address", ray_pool_cluster.address,
                           str(config)], env=ray_pool_cluster.client_env(), capture_output=True, text=True,
                          timeout=300)
@@ -73,6 +79,9 @@ def test_job_file_deploys_each_stage_on_its_pool(ray_pool_cluster, tmp_path):
                                                                              "spatial_upsampler"}
             gray = Image.new("L", (40, 30), 128)
             response = requests.post(f"{url}/colorize", data=_png(gray), params={"resolution": "256"}, timeout=300)
+            assert response.status_code == 401, response.text
+            response = requests.post(f"{url}/colorize", data=_png(gray), params={"resolution": "256"}, timeout=300,
+                                     headers={"Authorization": f"Bearer {token}"})
             assert response.status_code == 200, response.text
             placed = replica_nodes(ray_pool_cluster)
             expected = {name: ray_pool_cluster.node_ids[pool] for name, pool in DEPLOYMENT_POOLS.items()}
