@@ -1,6 +1,12 @@
 """A real multi-node Ray cluster for tests, started with the `ray start` CLI as a user does: token
 authentication on, a head labelled `pool=cpu` and one worker node per stage pool (`pool=colorizer`,
-`pool=color_upsampler`, `pool=spatial_upsampler`), every node on loopback 127.0.0.2 with its own temp dir."""
+`pool=color_upsampler`, `pool=spatial_upsampler`), every node on loopback 127.0.0.2 with its own temp dir.
+
+Machines that share no disk, imitated: each worker node runs in its own mount namespace (`unshare --mount
+--propagation private`) with a private tmpfs mounted over the cluster's `scratch` directory, so what one node
+writes under that path the other nodes, the head and the test process never see, as on separate hardware.
+Everything else (the code, the venv, pytest's tmp dirs) stays visible to all nodes, like a shared mount; shared
+storage proper is the moto S3 server and the MLflow tracking server, over HTTP."""
 
 from __future__ import annotations
 
@@ -40,6 +46,7 @@ class RayPoolCluster:
     token: str
     token_path: Path
     temp_root: Path
+    scratch: Path  # the same path on every node, private to each worker node (see the module docstring)
     node_ids: dict[str, str]  # pool label -> node id
     startup_s: dict[str, float]  # seconds from the start to: gcs_up, ray_start_done, nodes_alive
 
@@ -129,11 +136,19 @@ def alive_nodes(dashboard_url: str, headers: dict[str, str]) -> list[dict]:
     return [node for node in nodes if node["state"] == "ALIVE"]
 
 
-def _ray_start(args: list[str], log: Path, env: dict[str, str]) -> subprocess.Popen:
+SCRATCH_TMPFS_SIZE = "256m"
+
+
+def _ray_start(args: list[str], log: Path, env: dict[str, str], private: Path | None = None) -> subprocess.Popen:
+    """`ray start ARGS`; with `private`, inside a new mount namespace where a tmpfs covers `private`: the
+    node's daemons and workers inherit the namespace, so that directory is the node's own."""
+    cmd = [str(VENV_BIN / "ray"), "start", *args, "--disable-usage-stats"]
+    if private is not None:
+        mount = f'mount -t tmpfs -o size={SCRATCH_TMPFS_SIZE} coltran-scratch "$0" && exec "$@"'
+        cmd = ["unshare", "--mount", "--propagation", "private", "--", "sh", "-c", mount, str(private), *cmd]
     with open(log, "ab") as out:
         # A new session keeps the daemons out of pytest's process group (Ctrl-C is handled by teardown).
-        return subprocess.Popen([str(VENV_BIN / "ray"), "start", *args, "--disable-usage-stats"], env=env,
-                                stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+        return subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                 start_new_session=True)
 
 
@@ -178,7 +193,7 @@ def _start_nodes(root: Path, env: dict[str, str], gcs_port: int, dashboard_port:
                                  lambda: log_tail(root / f"{HEAD_POOL}.log"))
     for pool in WORKER_POOLS:
         args = ["--address", f"{NODE_IP}:{gcs_port}", *_node_args(root, pool, WORKER_OBJECT_STORE)]
-        starting[pool] = _ray_start(args, root / f"{pool}.log", env)
+        starting[pool] = _ray_start(args, root / f"{pool}.log", env, private=root / "scratch")
     failed = _wait_started(starting, 120)
     times["ray_start_done"] = time.monotonic() - times["start"]
     return failed
@@ -200,6 +215,7 @@ def run_ray_pool_cluster(mark: str, timeout: float = 180.0) -> Iterator[RayPoolC
     token_path.write_text(token)
     token_path.chmod(0o600)
     (root / "tmp").mkdir()
+    (root / "scratch").mkdir()
     env = service_env(mark, {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token_path),
                              "RAY_USAGE_STATS_ENABLED": "0", "TMPDIR": str(root / "tmp")}, drop=_FOREIGN_VARS)
     gcs_port, dashboard_port = free_port(), free_port()
@@ -213,7 +229,7 @@ def run_ray_pool_cluster(mark: str, timeout: float = 180.0) -> Iterator[RayPoolC
                    lambda: f"alive: {alive_nodes(dashboard_url, headers)}\n{logs or log_tail(root / 'cpu.log')}")
         times["nodes_alive"] = time.monotonic() - times.pop("start")
         cluster = RayPoolCluster(address=f"{NODE_IP}:{gcs_port}", dashboard_url=dashboard_url, token=token,
-                                 token_path=token_path, temp_root=root,
+                                 token_path=token_path, temp_root=root, scratch=root / "scratch",
                                  node_ids=_pools_up(dashboard_url, headers), startup_s=times)
         yield cluster
     finally:

@@ -43,6 +43,7 @@ from pipelines.inference.plan import (
 )
 from pipelines.inference.stages import STAGE_ACTORS, JobContext, write_batch
 from pipelines.io.s3 import resolve_path
+from pipelines.io.shared_path import SharedPathError, require_shared_path
 
 
 @dataclass
@@ -158,6 +159,7 @@ def run_batch(settings: BatchSettings, *, ray_address: str | None = None) -> Bat
         ray.init(address=ray_address)
     device = job_device(settings.device)
     plan = resource_plan(settings, device)  # before DEST is touched: a plan that cannot be placed stops here
+    require_shared_path(settings.out, "batch OUT")  # every node's write tasks put images there
     attempt = begin_attempt(fs, dest, settings.fingerprint({s: m.label for s, m in models.items()}))
     done = done_identities(read_parts(fs, dest)[0])
     ctx = JobContext(fs=fs, dest=dest, attempt=attempt, seed=settings.seed, num_samples=settings.num_samples,
@@ -181,7 +183,7 @@ def run_cli(args: argparse.Namespace) -> int:
     try:
         settings = settings_from_args(args)
         summary = run_batch(settings, ray_address=args.ray_address)
-    except PlanError as err:
+    except (PlanError, SharedPathError) as err:
         print(f"error: {err}", file=sys.stderr, flush=True)
         return 2
     if getattr(args, "contact_sheet", False):
@@ -199,7 +201,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return run_batch(load_settings(args.job, overrides=args.overrides), ray_address=args.ray_address).exit_code
-    except PlanError as err:
+    except (PlanError, SharedPathError) as err:
         print(f"error: {err}", file=sys.stderr, flush=True)
         return 2
 

@@ -32,6 +32,7 @@ from pipelines.dataset.format import (
 )
 from pipelines.dataset.manifest import build_manifest
 from pipelines.io.s3 import resolve_path
+from pipelines.io.shared_path import SharedPathError, require_shared_path
 from pipelines.io.sources import SourcePlan, plan_sources
 from pipelines.job_config import parse_overrides, read_job_file
 
@@ -138,12 +139,13 @@ def run_preprocess(settings: PreprocessSettings) -> dict[str, Any]:
     manifest that was written to DEST/manifest.json."""
     started = time.time()
     fs, dest = resolve_path(settings.dest, s3_endpoint=settings.s3_endpoint)
+    if not ray.is_initialized():
+        ray.init()
+    require_shared_path(settings.dest, "preprocessing DEST")  # every node's tasks write Parquet files there
     plan = plan_sources(settings.sources, labels_file=settings.labels_file, s3_endpoint=settings.s3_endpoint)
     _prepare_dest(fs, dest)
     log.info("preprocess: %d files and %d archives in %d source(s), %d classes -> %s",
              plan.num_files, plan.num_archives, len(settings.sources), len(plan.labeling.classes), settings.dest)
-    if not ray.is_initialized():
-        ray.init()
     for split in SPLITS:
         if (split == "heldout" and settings.heldout_fraction == 0) or \
                 (split == "train" and settings.heldout_fraction == 1):
@@ -182,7 +184,16 @@ def run(args: argparse.Namespace) -> int:
     names = [f.name for f in dataclasses.fields(PreprocessSettings) if f.name not in ("sources", "dest")]
     settings = PreprocessSettings(sources=args.paths[:-1], dest=args.paths[-1],
                                   **{n: getattr(args, n) for n in names})
-    run_preprocess(settings)
+    return _run_reporting_refusals(settings)
+
+
+def _run_reporting_refusals(settings: PreprocessSettings) -> int:
+    """Run the job; 2 with the message when DEST is a local path that not every node sees."""
+    try:
+        run_preprocess(settings)
+    except SharedPathError as err:
+        print(f"error: {err}", file=sys.stderr, flush=True)
+        return 2
     return 0
 
 
@@ -198,8 +209,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
-    run_preprocess(load_settings(args.job, args.overrides))
-    return 0
+    return _run_reporting_refusals(load_settings(args.job, args.overrides))
 
 
 if __name__ == "__main__":

@@ -24,6 +24,7 @@ from ray.train.torch import TorchTrainer
 from coltran.checkpoint import load_checkpoint, save_checkpoint
 from coltran.configs import ConfigError, config_to_dict
 from pipelines.io.s3 import resolve_path
+from pipelines.io.shared_path import SharedPathError, require_shared_path, require_shared_tracking_uri
 from pipelines.tracking.registry import register_stage
 from pipelines.tracking.runs import RunLogger, SubmissionRuns, finish_run, open_submission
 from pipelines.train.config import JobConfig, flatten, job_to_dict, load_job
@@ -160,7 +161,13 @@ def run(args: argparse.Namespace) -> int:
                      num_cpus=max(os.cpu_count() or 1, local_cpus_needed(job)))
         started = True
     try:
+        # before any run or trainer exists: every node's workers write checkpoints and log to these
+        require_shared_path(job.storage_path, "training storage_path")
+        require_shared_tracking_uri(job.mlflow.tracking_uri or mlflow.get_tracking_uri())
         outcomes = run_job(job, Path(args.job).read_text())
+    except SharedPathError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     finally:
         if started:
             ray.shutdown()

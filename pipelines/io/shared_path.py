@@ -1,0 +1,85 @@
+"""Is an output path the same place on every node? Jobs whose tasks write under a path (preprocessing DEST, batch
+OUT) ask before doing any work: on a cluster of machines that share no disk, a local path would scatter the
+files over the nodes that wrote them and the driver would see only its own share. Object storage (`s3://`, any
+URI with a scheme) is shared by definition; a local path is checked the way Ray Train checks its storage path:
+the driver writes a marker there and a task pinned to every alive node looks for it."""
+
+from __future__ import annotations
+
+import os
+import secrets
+from pathlib import Path
+from urllib.parse import urlparse
+
+import ray
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+CHECK_TIMEOUT_S = 120.0
+
+
+class SharedPathError(RuntimeError):
+    """A local output path that some nodes of the cluster cannot see."""
+
+
+def is_local_path(uri: str) -> bool:
+    parsed = urlparse(uri)
+    return len(parsed.scheme) <= 1 or parsed.scheme == "file"  # one letter: a Windows drive
+
+
+@ray.remote(num_cpus=0, max_retries=0)
+def _sees(marker: str, token: str) -> bool:
+    try:
+        return Path(marker).read_text() == token
+    except OSError:
+        return False
+
+
+def _node_name(node: dict) -> str:
+    labels = node.get("Labels") or {}
+    pool = f" (pool={labels['pool']})" if "pool" in labels else ""
+    return f"{node['NodeID'][:12]} at {node.get('NodeManagerAddress', '?')}{pool}"
+
+
+def require_shared_path(uri: str, what: str) -> None:
+    """Raise SharedPathError when `uri` is a local path that not every alive node of the connected Ray cluster
+    sees; a one-node cluster (a laptop) and URIs with a scheme pass at once. Creates the directory."""
+    if not is_local_path(uri):
+        return
+    nodes = [node for node in ray.nodes() if node.get("Alive")]
+    if len(nodes) <= 1:
+        return
+    folder = Path(urlparse(uri).path if uri.startswith("file:") else uri).expanduser().absolute()
+    folder.mkdir(parents=True, exist_ok=True)
+    token = secrets.token_hex(8)
+    marker = folder / f".coltran-shared-check-{os.getpid()}-{token}"
+    marker.write_text(token)
+    try:
+        checks = {node["NodeID"]: _sees.options(scheduling_strategy=NodeAffinitySchedulingStrategy(
+            node["NodeID"], soft=False)).remote(str(marker), token) for node in nodes}
+        seen = dict(zip(checks, ray.get(list(checks.values()), timeout=CHECK_TIMEOUT_S), strict=True))
+    finally:
+        marker.unlink(missing_ok=True)
+    blind = [_node_name(node) for node in nodes if not seen[node["NodeID"]]]
+    if blind:
+        raise SharedPathError(
+            f"{what} {uri} is a local path that {len(blind)} of the cluster's {len(nodes)} nodes do not see "
+            f"({'; '.join(blind)}): the files each node writes there would stay on that node's disk. Use an "
+            "s3:// prefix (or another object store URI), or a path on a filesystem mounted on every node "
+            "(NFS, EFS, Lustre...).")
+
+
+def require_shared_tracking_uri(uri: str) -> None:
+    """Raise SharedPathError when the MLflow store `uri` is a folder or SQLite file that not every node sees:
+    workers on the other nodes would log into stores of their own, empty to everyone else."""
+    parsed = urlparse(uri)
+    if parsed.scheme == "sqlite":
+        folder = str(Path(uri.removeprefix("sqlite:///")).expanduser().absolute().parent)
+    elif is_local_path(uri):
+        folder = uri
+    else:
+        return  # a tracking server (http(s)://, databricks, ...) is reached over the network from every node
+    try:
+        require_shared_path(folder, f"the MLflow store of {uri}:")
+    except SharedPathError as err:
+        raise SharedPathError(f"{err} Or better, point the job's tracking URI (or MLFLOW_TRACKING_URI) at an MLflow "
+                              "tracking server (http://...) that every node can reach.") from None

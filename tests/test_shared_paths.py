@@ -1,0 +1,114 @@
+"""Nodes that share no disk (the pool cluster of ray_pool.py: each worker node has its own tmpfs over the cluster's
+`scratch` path): the harness really separates the nodes, and every job given a node-local output path or MLflow
+store refuses before doing any work, saying why and what to use instead. The same jobs on shared storage (pytest's
+tmp dirs, seen by every node; S3; the MLflow server) are the session's training submission (cluster_flow.py)."""
+
+from __future__ import annotations
+
+import json
+import re
+import shlex
+import subprocess
+
+import pytest
+import yaml
+from cluster_flow import ROOT, cli_env, run_cli, train_job
+from ray_pool import HEAD_POOL, WORKER_POOLS
+from services import VENV_BIN
+
+pytestmark = [pytest.mark.ray, pytest.mark.timeout(900)]
+
+ADVICE = "Use an s3:// prefix"
+# One task pinned to each pool's node: does it see the file the test wrote, and what does it find in scratch?
+PROBE = """
+import json, os, sys, ray
+ray.init()
+@ray.remote(num_cpus=0)
+def look(scratch, mine):
+    with open(os.path.join(scratch, "written-by-" + mine), "w") as f:
+        f.write(mine)
+    return {{"sees_test_file": os.path.exists(os.path.join(scratch, "from-the-test")),
+             "entries": sorted(os.listdir(scratch))}}
+pools = {pools!r}
+refs = {{p: look.options(label_selector={{"pool": p}}).remote({scratch!r}, p) for p in pools}}
+print("SEEN " + json.dumps({{p: ray.get(r) for p, r in refs.items()}}))
+"""
+
+
+def _job(cluster, entrypoint: str) -> tuple[str, str]:
+    """Submit `entrypoint` through the job API and wait; (final status, logs)."""
+    client = cluster.job_client()
+    job_id = client.submit_job(entrypoint=entrypoint,
+                               runtime_env={"working_dir": str(ROOT), "excludes": [".venv", ".git"],
+                                            "env_vars": {"RAY_ADDRESS": cluster.address}})
+    try:
+        cluster.wait_job(job_id, timeout=600)
+        status = "SUCCEEDED"
+    except Exception as err:  # wait_job raises on FAILED with the logs; the status is what matters here
+        status = "FAILED" if "FAILED" in str(err) else f"ERROR: {err}"
+    return status, client.get_job_logs(job_id)
+
+
+def test_worker_nodes_have_private_scratch_disks(ray_pool_cluster):
+    scratch = ray_pool_cluster.scratch
+    (scratch / "from-the-test").write_text("head and test process")
+    code = PROBE.format(pools=[HEAD_POOL, *WORKER_POOLS], scratch=str(scratch))
+    status, logs = _job(ray_pool_cluster, f"python -c {shlex.quote(code)}")
+    assert status == "SUCCEEDED", logs[-3000:]
+    seen = json.loads(re.search(r"^SEEN (\{.*\})$", logs, re.MULTILINE).group(1))
+    assert seen[HEAD_POOL]["sees_test_file"]  # the head shares the test process's disk
+    for pool in WORKER_POOLS:  # each worker sees only what it wrote itself
+        assert seen[pool] == {"sees_test_file": False, "entries": [f"written-by-{pool}"]}, seen
+    written = {p.name for p in scratch.iterdir() if p.name.startswith("written-by-")}
+    assert written == {f"written-by-{HEAD_POOL}"}, "a worker node's file reached the test process's disk"
+
+
+def test_preprocess_refuses_a_node_local_dest(ray_pool_cluster, tmp_path):
+    (tmp_path / "photos").mkdir()  # refused before the sources are read: an empty folder is enough
+    dest = ray_pool_cluster.scratch / "preprocessed"
+    done = run_cli([str(VENV_BIN / "coltran"), "submit", "preprocess", "jobs/preprocess.yaml", "--address",
+                    ray_pool_cluster.dashboard_url, "--working-dir", str(ROOT), f"--set=sources=[{tmp_path / 'photos'}]",
+                    f"--set=dest={dest}", "--timeout", "300"],
+                   cli_env(tmp_path / "home", {"RAY_AUTH_TOKEN": ray_pool_cluster.token}), cwd=tmp_path, timeout=360,
+                   cluster=ray_pool_cluster)
+    out = done.stdout + done.stderr
+    assert done.returncode != 0 and f"preprocessing DEST {dest} is a local path that 3 of the cluster's 4 nodes" \
+        in out and ADVICE in out, out[-4000:]
+    assert not any(dest.rglob("*")), "the refused job wrote into DEST"
+
+
+def test_batch_refuses_a_node_local_out(ray_pool_cluster, tmp_path):
+    from coltran.init_models import init_models
+
+    models = init_models(tmp_path / "models", "test")  # pytest's tmp dir: every node sees it
+    (tmp_path / "photos").mkdir()
+    out = ray_pool_cluster.scratch / "colorized"
+    job = {"sources": [str(tmp_path / "photos")], "models": str(models), "out": str(out), "device": "cpu"}
+    (tmp_path / "colorize.yaml").write_text(yaml.safe_dump(job))
+    status, logs = _job(ray_pool_cluster, f"python -m pipelines.batch {tmp_path / 'colorize.yaml'}")
+    assert status == "FAILED" and f"batch OUT {out} is a local path that 3 of the cluster's 4 nodes" in logs \
+        and ADVICE in logs, logs[-4000:]
+    assert not any(out.rglob("*")), "the refused job wrote into OUT"
+
+
+@pytest.mark.parametrize("what", ["storage_path", "tracking_uri"])
+def test_training_refuses_node_local_run_storage_and_mlflow_store(ray_pool_cluster, mlflow_server, tmp_path, what):
+    job = train_job(tmp_path, tmp_path / "no-dataset-needed", mlflow_server.uri)
+    job["run_name"] = job["mlflow"]["experiment"] = f"refused-{what}"
+    local = ray_pool_cluster.scratch / f"train-{what}"
+    if what == "storage_path":
+        job["storage_path"], expected = str(local), f"training storage_path {local} is a local path"
+    else:
+        job["mlflow"]["tracking_uri"] = f"sqlite:///{local}/mlflow.db"
+        expected = "tracking server (http://...)"
+    (tmp_path / "train.yaml").write_text(yaml.safe_dump(job))
+    status, logs = _job(ray_pool_cluster, f"python -m pipelines.train {tmp_path / 'train.yaml'}")
+    assert status == "FAILED" and expected in logs and "3 of the cluster's 4 nodes" in logs, logs[-4000:]
+    assert mlflow_server.client().get_experiment_by_name(f"refused-{what}") is None  # no run was opened
+
+
+def test_unshare_is_available():
+    """The harness needs mount namespaces (root); say so plainly where they are missing."""
+    done = subprocess.run(["unshare", "--mount", "--propagation", "private", "--", "true"], capture_output=True,
+                          text=True)
+    assert done.returncode == 0, f"unshare --mount failed (the multi-node harness needs root): {done.stderr}"
