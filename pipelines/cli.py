@@ -17,7 +17,12 @@ IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".we
 
 
 def _add_colorize(sub) -> None:
-    p = sub.add_parser("colorize", help="colorize images, folders, archives, S3 prefixes or preprocessed Parquet")
+    p = sub.add_parser("colorize", help="colorize images, folders, archives, S3 prefixes or preprocessed Parquet",
+                       epilog="exit status: image files only: 1 when any of them failed. Folders, archives, S3, "
+                       "Parquet (the Ray Data job): 0 when the job finished, unusable inputs included (each is a "
+                       "manifest row with its reason); 1 when more than --set max_failed_fraction=F of the inputs "
+                       "failed (default 1.0: never); 2 when the job is refused before any work (a resource plan "
+                       "that cannot be placed, an OUT some node cannot see).")
     p.add_argument("sources", nargs="+", help="image files, folders, .tar/.tar.gz/.zip archives, s3://prefixes, "
                    "or a preprocessed dataset directory (Parquet)")
     p.add_argument("--models", required=True, help="models directory or models:/<name>@<alias> (MLflow)")

@@ -120,7 +120,7 @@ def batch_job(photos: Path, out: Path) -> dict:
     """jobs/colorize.yaml on a folder of photos, models from the registry, one small actor per stage, CPU."""
     job = yaml.safe_load((ROOT / "jobs" / "colorize.yaml").read_text())
     job.update(sources=[str(photos)], models=f"models:/@{ALIAS}", out=str(out), num_samples=1, device="cpu",
-               progress_every_s=0)
+               progress_every_s=0, tracking_uri=None)  # the other documented way: MLFLOW_TRACKING_URI (--env)
     for stage in ("prepare", "write"):
         job[stage].update(batch_size=2, num_cpus=0.5)
     for stage in STAGES:

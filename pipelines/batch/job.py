@@ -43,7 +43,7 @@ from pipelines.inference.plan import (
 )
 from pipelines.inference.stages import STAGE_ACTORS, JobContext, write_batch
 from pipelines.io.s3 import resolve_path
-from pipelines.io.shared_path import SharedPathError, require_shared_path
+from pipelines.io.shared_path import SharedPathError, require_shared_path, require_shared_tracking_uri
 
 
 @dataclass
@@ -61,9 +61,14 @@ class BatchSummary:
     seconds: float
     images_per_s: float  # images colorized by this attempt per second of its wall time
 
+    max_failed_fraction: float = 1.0
+
     @property
     def exit_code(self) -> int:
-        return 1 if self.counts["failed"] else 0
+        """0 when the job finished, unusable inputs included (each is a manifest row); 1 when more than
+        `max_failed_fraction` of the inputs failed. (Refusals exit 2; a crash is non-zero anyway.)"""
+        total = sum(self.counts.values())
+        return 1 if total and self.counts["failed"] / total > self.max_failed_fraction else 0
 
 
 def resolve_stage_models(spec: str, tracking_uri: str | None = None,
@@ -99,15 +104,20 @@ def resource_plan(settings: BatchSettings, device: str) -> ResourcePlan:
                      task_cpus=max(READ_TASK_CPUS, settings.prepare.num_cpus, settings.write.num_cpus), device=device)
 
 
+def registry_uri(settings: BatchSettings) -> str:
+    """The one MLflow tracking URI of the job: the setting, else MLFLOW_TRACKING_URI / MLflow's default."""
+    import mlflow
+
+    return settings.tracking_uri or mlflow.get_tracking_uri()
+
+
 def stage_actor_kwargs(settings: BatchSettings, stage: str, models: dict[str, StageModel], device: str) -> dict:
     """Constructor arguments of `stage`'s actor (what the job and benchmarks/batch.py build it with)."""
     spec = getattr(settings, stage)
     step = {"num_samples": settings.num_samples, "temperature": settings.temperature, "mode": settings.mode}
     tracking_uri = None
     if models[stage].ref.startswith("models:/"):
-        import mlflow
-
-        tracking_uri = mlflow.get_tracking_uri()  # actors on other nodes download from the same server
+        tracking_uri = registry_uri(settings)  # actors on other nodes download from the same server
     return {"checkpoint": models[stage].ref, "device": device, "weights": settings.weights,
             "num_threads": spec.num_threads, "micro_batch": spec.micro_batch,
             "step_kwargs": step if stage == "colorizer" else None, "tracking_uri": tracking_uri}
@@ -151,7 +161,8 @@ def run_batch(settings: BatchSettings, *, ray_address: str | None = None) -> Bat
     """Run (or resume) the job on the connected Ray cluster, or on `ray_address`, or a new local one."""
     started = time.monotonic()
     fs, dest = resolve_path(settings.out, s3_endpoint=settings.s3_endpoint)
-    models = resolve_stage_models(settings.models)
+    registry = registry_uri(settings) if settings.models.startswith("models:/") else None
+    models = resolve_stage_models(settings.models, tracking_uri=registry)
     if any(m.untrained for m in models.values()):
         print("warning: these models are UNTRAINED (coltran init-models): colours will be meaningless",
               file=sys.stderr)
@@ -160,6 +171,8 @@ def run_batch(settings: BatchSettings, *, ray_address: str | None = None) -> Bat
     device = job_device(settings.device)
     plan = resource_plan(settings, device)  # before DEST is touched: a plan that cannot be placed stops here
     require_shared_path(settings.out, "batch OUT")  # every node's write tasks put images there
+    if registry:
+        require_shared_tracking_uri(registry)  # every node's actors download the pinned versions from it
     attempt = begin_attempt(fs, dest, settings.fingerprint({s: m.label for s, m in models.items()}))
     done = done_identities(read_parts(fs, dest)[0])
     ctx = JobContext(fs=fs, dest=dest, attempt=attempt, seed=settings.seed, num_samples=settings.num_samples,
@@ -169,7 +182,8 @@ def run_batch(settings: BatchSettings, *, ray_address: str | None = None) -> Bat
                      done=done)
     colorized, seconds = _consume(build_pipeline(settings, ctx, models, device, plan), settings.progress_every_s)
     found = counts(finish_attempt(fs, dest, attempt))
-    summary = BatchSummary(settings.out, attempt, found, time.monotonic() - started, colorized / max(seconds, 1e-9))
+    summary = BatchSummary(settings.out, attempt, found, time.monotonic() - started, colorized / max(seconds, 1e-9),
+                           settings.max_failed_fraction)
     print(f"colorize: {sum(found.values())} inputs: {found['done']} done, {found['failed']} failed, "
           f"{found['skipped']} skipped (done by an earlier attempt); attempt {attempt} on {device}, "
           f"{summary.seconds:.1f} s, {summary.images_per_s:.2f} images/s; manifest: {settings.out.rstrip('/')}/"
@@ -194,7 +208,10 @@ def run_cli(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     """`python -m pipelines.batch JOB.yaml [--set key=value ...]` (the `ray job submit` entry point)."""
-    parser = argparse.ArgumentParser(prog="python -m pipelines.batch", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m pipelines.batch", description=__doc__.splitlines()[0],
+                                     epilog="exit status: 0 when the job finished, unusable inputs included (each is a manifest row); 1 when more "
+                                     "than max_failed_fraction of the inputs failed, or the job failed; 2 when refused "
+                                     "before any work (resource plan, OUT not shared by every node)")
     parser.add_argument("job", help="YAML job file (see jobs/colorize.yaml)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     parser.add_argument("--ray-address", default=None, help="default: the job's cluster, else a new local one")

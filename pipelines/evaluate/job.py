@@ -244,7 +244,9 @@ def run(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     """`python -m pipelines.evaluate JOB.yaml [--set key=value ...]` (the `ray job submit` entry point)."""
-    parser = argparse.ArgumentParser(prog="python -m pipelines.evaluate", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m pipelines.evaluate", description=__doc__.splitlines()[0],
+                                     epilog="exit status: 0 when the report was written (unusable inputs are counted in it, not fatal); 2 when "
+                                     "the resource plan is refused before any work; 1 when the job failed")
     parser.add_argument("job", help="YAML job file (see jobs/evaluate.yaml)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     parser.add_argument("--ray-address", default=None, help="default: the job's cluster, else a new local one")
