@@ -28,8 +28,12 @@ def pytest_report_header(config):
 
 def pytest_collection_modifyitems(session, config, items):
     """Fast tests first, so model and transform failures show in the first minute; then the tests that start
-    Ray; then those marked `last`. The sort is stable: within each group the collection order stays."""
+    Ray; then those marked `last`; then the HTTP and browser tests of the session's `coltran serve`, so that its
+    Ray and replicas, up from their first test to the session's end, run beside nothing else. The sort is stable:
+    within each group the collection order stays."""
     def group(item) -> int:
+        if "served_app" in item.fixturenames:
+            return 3
         return 2 if item.get_closest_marker("last") else 1 if item.get_closest_marker("ray") else 0
     items.sort(key=group)
 
