@@ -46,20 +46,28 @@ def row_from_images(name: str, source: np.ndarray, samples: list[np.ndarray]) ->
     return SheetRow(name, gray, list(samples), np.asarray(source) if is_colour(source) else None)
 
 
-def _fit(image: np.ndarray, cell: int) -> Image.Image:
-    """`image` scaled (aspect kept) into a cell x cell square, centred on the background."""
+def _fit(image: np.ndarray, width: int, height: int) -> Image.Image:
+    """`image` scaled (aspect kept) into a width x height box, centred on the background."""
     img = Image.fromarray(np.asarray(image, dtype=np.uint8)).convert("RGB")
-    scale = cell / max(img.size)
+    scale = min(width / img.width, height / img.height)
     img = img.resize((max(1, round(img.width * scale)), max(1, round(img.height * scale))),
                      Image.Resampling.LANCZOS)
-    canvas = Image.new("RGB", (cell, cell), BACKGROUND)
-    canvas.paste(img, ((cell - img.width) // 2, (cell - img.height) // 2))
+    canvas = Image.new("RGB", (width, height), BACKGROUND)
+    canvas.paste(img, ((width - img.width) // 2, (height - img.height) // 2))
     return canvas
+
+
+def cell_height(rows: list[SheetRow], cell: int) -> int:
+    """Cells are `cell` wide and as tall as the tallest input needs, at most `cell` (landscape photos leave no
+    empty bands)."""
+    aspect = max(r.gray.shape[0] / r.gray.shape[1] for r in rows)
+    return max(1, min(cell, round(cell * aspect)))
 
 
 def compose(rows: list[SheetRow], cell: int = 160) -> np.ndarray:
     """(H, W, 3) uint8 sheet: columns `gray input`, `sample 1..N`, `original` (if any row has one); a label above
-    each column and the input's name above each row. Rows with fewer samples leave their cells blank."""
+    each column and the input's name above each row; cells `cell` wide (cell_height tall). Rows with fewer
+    samples leave their cells blank."""
     if not rows:
         raise ValueError("a contact sheet needs at least one row")
     if cell < 16:
@@ -67,7 +75,8 @@ def compose(rows: list[SheetRow], cell: int = 160) -> np.ndarray:
     num_samples = max(len(r.samples) for r in rows)
     originals = any(r.original is not None for r in rows)
     titles = ["gray input", *(f"sample {k + 1}" for k in range(num_samples))] + (["original"] if originals else [])
-    pitch_x, pitch_y = cell + GAP, cell + LABEL_HEIGHT + GAP
+    height = cell_height(rows, cell)
+    pitch_x, pitch_y = cell + GAP, height + LABEL_HEIGHT + GAP
     sheet = Image.new("RGB", (GAP + pitch_x * len(titles), LABEL_HEIGHT + GAP + pitch_y * len(rows)), BACKGROUND)
     draw = ImageDraw.Draw(sheet)
     for c, title in enumerate(titles):
@@ -79,7 +88,7 @@ def compose(rows: list[SheetRow], cell: int = 160) -> np.ndarray:
         images += [row.original] if originals else []
         for c, image in enumerate(images):
             if image is not None:
-                sheet.paste(_fit(image, cell), (GAP + c * pitch_x, top + LABEL_HEIGHT))
+                sheet.paste(_fit(image, cell, height), (GAP + c * pitch_x, top + LABEL_HEIGHT))
     return np.asarray(sheet)
 
 

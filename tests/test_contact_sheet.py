@@ -23,11 +23,11 @@ def solid(colour, height=60, width=80) -> np.ndarray:
     return np.broadcast_to(np.array(colour, np.uint8), (height, width, 3)).copy()
 
 
-def cell_pixel(sheet: np.ndarray, row: int, col: int, cell: int) -> np.ndarray:
+def cell_pixel(sheet: np.ndarray, row: int, col: int, cell: int, height: int) -> np.ndarray:
     """The centre pixel of cell (row, col)."""
-    top = LABEL_HEIGHT + GAP + row * (cell + LABEL_HEIGHT + GAP) + LABEL_HEIGHT
+    top = LABEL_HEIGHT + GAP + row * (height + LABEL_HEIGHT + GAP) + LABEL_HEIGHT
     left = GAP + col * (cell + GAP)
-    return sheet[top + cell // 2, left + cell // 2]
+    return sheet[top + height // 2, left + cell // 2]
 
 
 def test_sheet_shows_gray_input_samples_and_original():
@@ -38,14 +38,15 @@ def test_sheet_shows_gray_input_samples_and_original():
     assert rows[0].gray.shape == (60, 80) and abs(int(rows[0].gray[0, 0]) - round(0.299 * 220 + 0.587 * 30
                                                                                    + 0.114 * 30)) <= 1
     sheet = compose(rows, cell=cell)
-    # columns: gray input, sample 1, sample 2, original; two rows
-    assert sheet.shape == (LABEL_HEIGHT + GAP + 2 * (cell + LABEL_HEIGHT + GAP), GAP + 4 * (cell + GAP), 3)
-    gray = cell_pixel(sheet, 0, 0, cell)
+    # columns: gray input, sample 1, sample 2, original; two rows; cells 48 x 36 for the 80 x 60 inputs
+    height = 36
+    assert sheet.shape == (LABEL_HEIGHT + GAP + 2 * (height + LABEL_HEIGHT + GAP), GAP + 4 * (cell + GAP), 3)
+    gray = cell_pixel(sheet, 0, 0, cell, height)
     assert gray[0] == gray[1] == gray[2]
-    assert tuple(cell_pixel(sheet, 0, 1, cell)) == BLUE and tuple(cell_pixel(sheet, 0, 2, cell)) == RED
-    assert tuple(cell_pixel(sheet, 0, 3, cell)) == RED  # the original
-    assert tuple(cell_pixel(sheet, 1, 2, cell)) == (255, 255, 255)  # one sample only: blank
-    assert tuple(cell_pixel(sheet, 1, 3, cell)) == (255, 255, 255)  # no original
+    assert tuple(cell_pixel(sheet, 0, 1, cell, height)) == BLUE and tuple(cell_pixel(sheet, 0, 2, cell, height)) == RED
+    assert tuple(cell_pixel(sheet, 0, 3, cell, height)) == RED  # the original
+    assert tuple(cell_pixel(sheet, 1, 2, cell, height)) == (255, 255, 255)  # one sample only: blank
+    assert tuple(cell_pixel(sheet, 1, 3, cell, height)) == (255, 255, 255)  # no original
     with pytest.raises(ValueError, match="at least one row"):
         compose([])
 
@@ -85,8 +86,8 @@ def test_batch_sheet_from_a_finished_dest(tmp_path):
     path = write_contact_sheet(str(dest), [str(src)], cell=32)
     assert path == f"{dest}/contact_sheet.png"
     sheet = np.asarray(Image.open(path).convert("RGB"))
-    assert sheet.shape == (LABEL_HEIGHT + GAP + 32 + LABEL_HEIGHT + GAP, GAP + 4 * (32 + GAP), 3)  # one row
-    assert tuple(cell_pixel(sheet, 0, 1, 32)) == BLUE and tuple(cell_pixel(sheet, 0, 3, 32)) == RED
+    assert sheet.shape == (LABEL_HEIGHT + GAP + 24 + LABEL_HEIGHT + GAP, GAP + 4 * (32 + GAP), 3)  # one row
+    assert tuple(cell_pixel(sheet, 0, 1, 32, 24)) == BLUE and tuple(cell_pixel(sheet, 0, 3, 32, 24)) == RED
 
 
 def test_colorize_cli_writes_a_contact_sheet(tmp_path, capsys):
@@ -105,7 +106,7 @@ def test_colorize_cli_writes_a_contact_sheet(tmp_path, capsys):
     names = sorted(p.name for p in (tmp_path / "out").iterdir())
     assert names == ["beach_001_s0.png", "contact_sheet.png", "dusk_002_s0.png"]
     sheet = Image.open(tmp_path / "out" / "contact_sheet.png")
-    cell = 160
-    assert sheet.size == (GAP + 3 * (cell + GAP), LABEL_HEIGHT + GAP + 2 * (cell + LABEL_HEIGHT + GAP))
+    cell, height = 160, 160  # --resolution 256: square outputs, and the inputs shown at their size
+    assert sheet.size == (GAP + 3 * (cell + GAP), LABEL_HEIGHT + GAP + 2 * (height + LABEL_HEIGHT + GAP))
     save_contact_sheet([row_from_images("x", solid(RED), [])], tmp_path / "deep" / "s.png", cell=16)
     assert (tmp_path / "deep" / "s.png").is_file()
