@@ -1,6 +1,11 @@
 """`coltran demo`, the README's main job on the embedded default, end to end in a subprocess (its own local Ray
-on loopback, a local MLflow store), at a fraction of its training steps: it must leave colorized images, a
-manifest with every photo done, and three registered models at @candidate in three concurrent child runs."""
+on loopback, a local MLflow store), at a fraction of its training steps: it must leave colorized images named by
+the one output rule, a manifest with every photo done, a contact sheet logged to MLflow, three registered models
+at @candidate in three concurrent child runs, a short console with Ray's logs in the log file, every stage's
+held-out bits/dim with the registered weights below 9.0 - 0.5 (9.0: the colorizer's uniform guess over 512
+colours; the upsamplers' is 8.0), and the chroma figures of its summary. At this budget (a tenth of the steps)
+the spatial upsampler has not learned to copy colours yet, so the colour threshold (chroma error below 0.8x a gray
+image's) is checked on the full demo, measured by hand (README, quick start)."""
 
 from __future__ import annotations
 
@@ -14,9 +19,12 @@ import pytest
 from PIL import Image
 from services import VENV_BIN, marked_pids, reap, service_env
 
+from pipelines.demo.check import chroma_check, heldout_bits_per_dim
 from pipelines.tracking.names import REGISTERED_NAMES
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow, pytest.mark.timeout(1200)]
+STEPS_SCALE = "0.1"  # colorizer 30, colour upsampler 30, spatial upsampler 15 steps
+BPD_LIMIT = 9.0 - 0.5  # every stage's registered (EMA) weights on the held-out split
 
 
 @pytest.fixture(scope="module")
@@ -24,8 +32,8 @@ def demo(tmp_path_factory, service_mark):
     root = tmp_path_factory.mktemp("demo")
     home = root / "home"
     home.mkdir()
-    cmd = [str(VENV_BIN / "coltran"), "demo", "--dir", str(root / "run"), "--photos-per-class", "6",
-           "--steps-scale", "0.03", "--colorize", "2"]
+    cmd = [str(VENV_BIN / "coltran"), "demo", "--dir", str(root / "run"), "--photos-per-class", "10",
+           "--steps-scale", STEPS_SCALE, "--colorize", "4"]
     start = time.monotonic()
     # a user's shell with a fresh HOME: the local ray.init() creates its own auth token there
     mark = f"{service_mark}/demo"  # the demo's own Ray processes carry it: reaped whatever happens
@@ -39,7 +47,8 @@ def demo(tmp_path_factory, service_mark):
         while (left := marked_pids(mark)) and time.monotonic() < deadline:
             time.sleep(0.5)
         reap(mark)
-    print(f"coltran demo (steps x0.03): {time.monotonic() - start:.1f} s")
+    print(f"coltran demo (steps x{STEPS_SCALE}): {time.monotonic() - start:.1f} s, "
+          f"{len(done.stdout.splitlines())} lines printed")
     assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
     assert not left, f"coltran demo left processes {left} running"
     return root / "run", done.stdout
@@ -50,20 +59,44 @@ def test_demo_prints_where_everything_is(demo):
     for step in ("1/4 generating", "2/4 preprocessing", "3/4 training", "4/4 colorizing"):
         assert step in out
     assert f"colorized images: {root / 'colorized'}" in out
+    assert f"contact sheet:    {root / 'colorized' / 'contact_sheet.png'}" in out
     assert f"mlflow ui --backend-store-uri sqlite:///{root / 'mlflow.db'}" in out
+    assert f"logs:             {root / 'demo.log'}" in out
+    assert len(out.splitlines()) <= 60, out  # Ray's and MLflow's own logs went to the log file
+    assert not any(mark in out for mark in ("raylet", "INFO", "WARNING", "pid=")), out
+    assert "Started a local Ray instance" in (root / "demo.log").read_text()
 
 
 def test_demo_colorized_held_out_photos(demo):
     root, _ = demo
     heldout = json.loads((root / "data" / "manifest.json").read_text())["heldout_keys"]
     rows = pq.read_table(root / "colorized" / "manifest.parquet").to_pylist()
-    assert len(rows) == min(2, len(heldout)) >= 1 and all(r["status"] == "done" for r in rows), rows
+    assert len(rows) == min(4, len(heldout)) >= 1 and all(r["status"] == "done" for r in rows), rows
     for row in rows:
-        assert len(row["outputs"]) == 2  # two colourings per photo
+        assert row["key"] in heldout  # DIR/heldout/<class>/<name> mirrors the photo's key
+        stem = row["key"].rsplit(".", 1)[0]
+        assert row["outputs"] == [f"{stem}_s0.png", f"{stem}_s1.png"]  # two colourings, named by the one rule
         for output in row["outputs"]:
             with Image.open(root / "colorized" / output) as image:
                 assert image.mode == "RGB" and image.size == (row["width"], row["height"])
-    assert {r["source"] for r in rows} <= {str(root / "photos" / "train" / k) for k in heldout}
+    with Image.open(root / "colorized" / "contact_sheet.png") as sheet:  # gray, 2 samples, original per photo
+        assert sheet.size == (4 + 4 * 164, 18 + len(rows) * 138)  # 160 x 120 cells
+
+
+def test_demo_colours_and_bits_per_dim(demo):
+    """The figures the summary prints, recomputed: chroma error of the colourings vs gray, bits/dim per stage."""
+    root, out = demo
+    rows = [r for r in pq.read_table(root / "colorized" / "manifest.parquet").to_pylist() if r["status"] == "done"]
+    check = chroma_check(rows, root / "colorized")
+    print(f"chroma error {check.colour_error:.1f} vs gray {check.gray_error:.1f} ({check.ratio:.2f}x)")
+    assert f"{check.colour_error:.1f} vs {check.gray_error:.1f} for a gray image ({check.ratio:.2f}x)" in out
+    assert check.images == 2 * len(rows) and check.gray_error > 5  # the photos have colour to recover
+    client = mlflow.MlflowClient(f"sqlite:///{root / 'mlflow.db'}")
+    run_name = client.search_runs([client.get_experiment_by_name("coltran-demo").experiment_id],
+                                  "tags.`coltran.kind` = 'submission'")[0].data.tags["coltran.run_name"]
+    bpd = heldout_bits_per_dim(client, "coltran-demo", run_name)
+    print(f"held-out bits/dim: {bpd}")
+    assert sorted(bpd) == sorted(REGISTERED_NAMES) and max(bpd.values()) < BPD_LIMIT, bpd
 
 
 def test_demo_registered_three_models_from_concurrent_runs(demo):
@@ -80,3 +113,5 @@ def test_demo_registered_three_models_from_concurrent_runs(demo):
     for stage, name in REGISTERED_NAMES.items():
         version = client.get_model_version_by_alias(name, "candidate")
         assert version.run_id in {r.info.run_id for r in children}, stage
+    assert [a.path for a in client.list_artifacts(parents[0].info.run_id, "contact_sheet")] == [
+        "contact_sheet/contact_sheet.png"]
