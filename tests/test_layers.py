@@ -70,7 +70,7 @@ def test_axial_attention_matches_einsum_reference(axis, causal, cond):
         layer.rel_bias.normal_()  # zero at init; make it matter
     x = torch.randn(2, 3, height, width, d, dtype=torch.float64, requires_grad=True)  # two leading axes
     ctx = torch.randn(2, 3, height, width, dc, dtype=torch.float64) if cond else None
-    out = layer(x, ctx)
+    out = layer(x, layer.condition(ctx))
     assert out.shape == x.shape
     ref = reference_attention(layer, x, ctx, ACTS["tanh"])
     torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-10)
@@ -81,7 +81,8 @@ def test_axial_attention_matches_einsum_reference(axis, causal, cond):
     for g, r in zip(grads, refs, strict=True):
         torch.testing.assert_close(g, r, rtol=1e-9, atol=1e-10)
     with torch.no_grad():  # fp32 inference may take a fused kernel rather than the math path
-        out32 = layer.float()(x.float(), ctx.float() if cond else None)
+        layer.float()
+        out32 = layer(x.float(), layer.condition(ctx.float() if cond else None))
     torch.testing.assert_close(out32, ref.float(), rtol=1e-4, atol=1e-5)
 
 
@@ -93,6 +94,33 @@ def test_bias_matrix_relative_index_and_causal_mask():
     for i in range(4):
         for j in range(4):
             assert bias[i, j] == (j - i + 3 if j <= i else -1e6), (i, j)  # diagonal kept
+
+
+@pytest.mark.parametrize("axis", ["row", "column"])
+def test_causal_attention_stepped_through_a_cache_equals_forward(axis):
+    """One position at a time along the axis, against a KVCache whose unwritten slots hold stale values (a
+    previous row's): each step gives forward's output at that position."""
+    torch.manual_seed(5)
+    height, width, d, h, dc = 4, 6, 8, 2, 5
+    length = width if axis == "row" else height
+    layer = AxialAttention(d, h, axis, length, causal=True, cond_size=dc, cond_q=True, cond_k=True,
+                           cond_v=True, cond_scale=True).double()
+    with torch.no_grad():
+        layer.rel_bias.normal_()
+    x = torch.randn(2, height, width, d, dtype=torch.float64)
+    ctx = torch.randn(2, height, width, dc, dtype=torch.float64)
+    with torch.no_grad():
+        full = layer(x, layer.condition(ctx))
+        position = torch.zeros(1, dtype=torch.long)
+        sequences = 2 * (height if axis == "row" else width)
+        cache = layer.new_cache(sequences, position, torch.float64)
+        cache.keys.normal_(0, 30)  # stale, finite: must be masked, not zeroed
+        cache.values.normal_(0, 30)
+        for p in range(length):
+            position.fill_(p)
+            at = (slice(None), slice(None), slice(p, p + 1)) if axis == "row" else (slice(None), slice(p, p + 1))
+            got = layer(x[at], layer.condition(ctx[at]), cache)
+            torch.testing.assert_close(got, full[at], rtol=1e-12, atol=1e-12)
 
 
 def test_shape_with_single_batch_axis_and_column_attention_uses_height():
@@ -118,7 +146,13 @@ def test_position_embedding_tables_and_sum():
     for i in range(3):
         for j in range(5):
             torch.testing.assert_close(out[:, i, j], x[:, i, j] + emb.row[i, 0] + emb.column[j])
-    assert torch.equal(emb.table(), emb(torch.zeros(3, 5, 8)))
+    # one row / one pixel at a time, as the decoders' steps call it: bit-identical to the whole grid
+    for i in range(3):
+        row = torch.tensor([i])
+        assert torch.equal(emb(x[:, i : i + 1], row=row), out[:, i : i + 1])
+        for j in range(5):
+            pixel = emb(x[:, i : i + 1, j : j + 1], row=row, column=torch.tensor([j]))
+            assert torch.equal(pixel, out[:, i : i + 1, j : j + 1])
 
 
 def _layer_norm_ref(x, eps=1e-3):
@@ -142,7 +176,9 @@ def test_conditional_layer_norm_matches_formula(seq, sp_ave):
     proj = lin((m * c).mean((1, 2))) if seq == "sc" else (m * lin(c)).mean((1, 2))
     scale, shift = torch.tanh(proj[:, :d]), torch.tanh(proj[:, d:])  # [scale | shift], scale used raw
     ref = _layer_norm_ref(x) * scale[:, None, None] + shift[:, None, None]
-    torch.testing.assert_close(norm(x, c), ref, rtol=1e-10, atol=1e-12)
+    cond = norm.condition(c)
+    assert cond.shape == (2, 1, 1, 2 * d)  # position-independent: one conditioning per image
+    torch.testing.assert_close(norm(x, cond), ref, rtol=1e-10, atol=1e-12)
 
 
 @pytest.mark.parametrize("kind", ["affine", "shift"])
@@ -155,7 +191,7 @@ def test_conditional_mlp_split_order_and_activation(kind):
         ref = y * torch.tanh(out[..., 4:]) + torch.tanh(out[..., :4])
     else:  # official 'shift': plain add, no activation
         ref = y + out
-    torch.testing.assert_close(mlp(y, c), ref, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(mlp(y, mlp.condition(c)), ref, rtol=1e-12, atol=1e-12)
 
 
 def test_feed_forward_is_relu_mlp_with_biases():

@@ -152,6 +152,37 @@ def test_outer_decoder_row_zero_and_row_causality():
         assert dep[:i].all() and not dep[i:].any(), i
 
 
+@pytest.mark.parametrize("overrides", [
+    {"num_heads": 2, "num_outer_layers": 2, "num_inner_layers": 2},
+    {"cond_ln": False, "skip": False, "cond_mlp": "shift", "cond_att_scale": False},
+])
+def test_decoder_steps_equal_teacher_forcing(overrides):
+    """OuterDecoder.step row by row and InnerDecoder.step pixel by pixel, against their key/value caches, give
+    what forward gives (float64): the one code path the sampler runs."""
+    h, w = 4, 6
+    model = small("colorizer", (h, w), **overrides).double()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.3 * torch.randn_like(p))
+        z = model.encode(torch.randint(0, 256, (2, h, w)))
+        emb = model.pixel_embed(colors_to_symbols(rand_colors(4, 2, h, w)))
+        upper = model.outer_decoder(emb, z)
+        inner = model.inner_decoder(emb, upper, z)
+        outer_cache = model.outer_decoder.new_cache(z, torch.float64)
+        inner_cache = model.inner_decoder.new_cache(z, torch.float64)
+        for i in range(h):
+            outer_cache.position.fill_(i)
+            if i + 1 < h:  # the output of row i is u of row i + 1 (shift down)
+                got = model.outer_decoder.step(emb[:, i : i + 1], z[:, i : i + 1], outer_cache)
+                torch.testing.assert_close(got, upper[:, i + 1 : i + 2], rtol=1e-12, atol=1e-12)
+            model.inner_decoder.start_row(z[:, i : i + 1], upper[:, i : i + 1], inner_cache)
+            for j in range(w):
+                previous = emb[:, i : i + 1, j - 1 : j] if j else torch.zeros_like(emb[:, :1, :1])
+                got = model.inner_decoder.step(previous, outer_cache.position, inner_cache)
+                torch.testing.assert_close(got, inner[:, i : i + 1, j : j + 1], rtol=1e-12, atol=1e-12)
+                inner_cache.position.add_(1)
+
+
 def test_aux_head_depends_only_on_gray():
     model = small("colorizer")
     batch = rand_batch(3, 2, 5, 7)

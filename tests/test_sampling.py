@@ -1,5 +1,7 @@
 """Cached sampler against the naive oracle and the teacher-forced network (coltran-reference section 8)."""
 
+import math
+
 import pytest
 import torch
 
@@ -14,6 +16,7 @@ VARIANTS = {
     "no-cond-scale-shift-mlp": ["cond_att_scale=false", "cond_mlp=shift", "cond_att_k=false"],
     "plain-ln-no-skip": ["cond_ln=false", "skip=false", "cond_att_q=false", "cond_att_v=false"],
     "cs-mean-tanh": ["cond_ln_seq=cs", "cond_ln_sp_ave=mean", "cond_ln_act=tanh", "model_stage=decoder"],
+    "non-square-4heads": ["resolution=[5,9]", "num_heads=4", "num_outer_layers=3"],
 }
 
 
@@ -52,8 +55,9 @@ def assert_same_draws(a, b, uniforms, tie=1e-5):
 @pytest.mark.parametrize("mode", ["argmax", "sample"])
 def test_cached_equals_naive_and_teacher_forcing(variant, mode):
     model = random_colorizer(VARIANTS[variant])
-    gray = torch.randint(0, 256, (2, 8, 8))
-    uniforms = make_uniforms([3, 4], 2, 64)
+    height, width = model.config.resolution
+    gray = torch.randint(0, 256, (2, height, width))
+    uniforms = make_uniforms([3, 4], 2, height * width)
     cached = sample_colorizer(model, gray, num_samples=2, mode=mode, uniforms=uniforms, return_probs=True)
     naive = naive_sample_colorizer(model, gray.repeat_interleave(2, 0), uniforms, mode=mode, return_probs=True)
     assert_same_draws(cached, naive, uniforms)
@@ -93,6 +97,18 @@ def test_batch_equals_items_alone_and_seeds_are_per_image():
     assert not torch.equal(two[0], two[1])  # samples of one image draw from different streams
 
 
+def test_images_without_seeds_draw_from_their_own_streams_and_are_encoded_once():
+    model = random_colorizer([])
+    gray = torch.randint(0, 256, (1, 8, 8)).expand(2, -1, -1)  # the same image twice
+    encoded = []
+    hook = model.encoder.register_forward_hook(lambda mod, args, out: encoded.append(args[0].shape[0]))
+    out = sample_colorizer(model, gray, num_samples=3).symbols
+    hook.remove()
+    assert encoded == [2]  # num_samples repeats z, not the gray input
+    assert not torch.equal(out[0], out[3])  # default seeds 0, 1: the two images do not share a stream
+    assert torch.equal(out, sample_colorizer(model, gray, num_samples=3, seeds=[0, 1]).symbols)
+
+
 def test_low_temperature_approaches_argmax():
     model = random_colorizer([])
     gray = torch.randint(0, 256, (2, 8, 8))
@@ -110,6 +126,14 @@ def test_inverse_cdf_draws_follow_the_distribution():
     hot, hot_probs = draw_symbols(logits.expand(n, -1), uniforms, "sample", 2.0)
     assert (torch.bincount(hot, minlength=5).float() / n - hot_probs[0]).abs().max() < 0.01
     assert hot_probs[0].max() < probs[0].max()  # a higher temperature flattens the distribution
+
+
+def test_a_zero_probability_symbol_is_never_drawn():
+    logits = torch.tensor([[-math.inf, 0.0, -math.inf, 1.0], [0.0, -math.inf, 2.0, -math.inf]])
+    for u in (0.0, 1e-9, 0.5, 1.0 - 2**-24):
+        symbols, probs = draw_symbols(logits, torch.full((2,), u), "sample")
+        assert (probs.gather(1, symbols[:, None]) > 0).all(), u
+    assert draw_symbols(logits, torch.zeros(2), "sample")[0].tolist() == [1, 0]  # first possible symbol at u = 0
 
 
 def test_official_row_cln_differs_from_trained_behaviour():

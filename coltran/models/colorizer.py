@@ -3,10 +3,15 @@
 
 gray -> GrayScaleEncoder -> z; auxiliary parallel head on z; pixel embeddings -> OuterDecoder (unmasked row,
 masked column attention, shift down at the end) -> u; InnerDecoder (shift right, masked row attention) -> head.
-Causality: logits at (i, j) see all of z, pixel rows < i and pixels (i, < j).
+Causality: logits at (i, j) see all of z, pixel rows < i and pixels (i, < j). Each decoder runs either all
+positions at once (`forward`, teacher forcing) or one row / one pixel at a time against key/value caches (`step`,
+what `coltran.sampling` runs); both go through the decoder's `_layers`, the one place its sublayers are written.
 """
 
 from __future__ import annotations
+
+from functools import partial
+from typing import NamedTuple
 
 import torch
 from torch import nn
@@ -18,6 +23,7 @@ from coltran.nn import (
     AxialEncoder,
     ConditionalLayerNorm,
     ConditionalMLP,
+    DecoderCache,
     FeedForward,
     PlainLayerNorm,
     PositionEmbedding,
@@ -64,9 +70,24 @@ def _attention(cfg: ColorizerConfig, axis: str, causal: bool, cond_size: int) ->
     )
 
 
+def _residual(norms, norm_conditioning, dropout, k: int, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """The post-LN residual of sublayer k: norm_k(x + dropout(y)) under norm k's conditioning."""
+    return norms[k](x + dropout(y), norm_conditioning[k])
+
+
+def _new_cache(decoder: nn.Module, attentions, sequences: int, z: torch.Tensor, dtype: torch.dtype) -> DecoderCache:
+    """Empty key/value caches for `attentions` and every norm's conditioning on z; the write index starts at 0."""
+    position = torch.zeros(1, dtype=torch.long, device=z.device)
+    layers = [att.new_cache(sequences, position, dtype) for att in attentions]
+    return DecoderCache(position, layers, [norm.condition(z) for norm in decoder.norms])
+
+
 class OuterDecoder(nn.Module):
     """Per layer: unmasked row attention, FF, masked column attention, FF; each conditioned on z and followed by
-    a residual + cLN(z). The final shift down makes row i depend only on pixel rows < i."""
+    a residual + cLN(z). The final shift down makes row i depend only on pixel rows < i.
+
+    `forward` runs all rows at once (teacher forcing); `step` runs one finished row against the column
+    attentions' key/value caches and gives what `forward` gives for that row before the shift."""
 
     def __init__(self, cfg: ColorizerConfig):
         super().__init__()
@@ -89,21 +110,67 @@ class OuterDecoder(nn.Module):
 
     def forward(self, embeddings: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
         """embeddings, z (B, H, W, D) -> u (B, H, W, D) with u[:, 0] == 0."""
-        x = self.pos_embed(embeddings)
+        norms = [norm.condition(z) for norm in self.norms]
+        return shift_down(self._layers(self.pos_embed(embeddings), z, norms))
+
+    def new_cache(self, z: torch.Tensor, dtype: torch.dtype) -> DecoderCache:
+        """A cache for stepping the rows of images whose encoder output is z (N, H, W, D)."""
+        n, _, width, _ = z.shape
+        return _new_cache(self, self.col_attns, n * width, z, dtype)
+
+    def step(self, embeddings: torch.Tensor, z: torch.Tensor, cache: DecoderCache) -> torch.Tensor:
+        """embeddings, z (N, 1, W, D) of the finished row `cache.position` -> that row's output (N, 1, W, D),
+        which is u of the next row."""
+        x = self.pos_embed(embeddings, row=cache.position)
+        return self._layers(x, z, cache.norms, cache.layers)
+
+    def _layers(self, x, z, norm_conditioning, caches=None):
         if self.skip:
             x = x + z
-        drop, norms = self.dropout, self.norms
+        residual = partial(_residual, self.norms, norm_conditioning, self.dropout)
         for layer in range(len(self.row_attns)):
-            x = norms[4 * layer](x + drop(self.row_attns[layer](x, z)), z)
-            x = norms[4 * layer + 1](x + drop(self.row_cmlps[layer](self.row_ffs[layer](x), z)), z)
-            x = norms[4 * layer + 2](x + drop(self.col_attns[layer](x, z)), z)
-            x = norms[4 * layer + 3](x + drop(self.col_cmlps[layer](self.col_ffs[layer](x), z)), z)
-        return shift_down(x)
+            k, cache = 4 * layer, None if caches is None else caches[layer]
+            row_attn, row_cmlp = self.row_attns[layer], self.row_cmlps[layer]
+            col_attn, col_cmlp = self.col_attns[layer], self.col_cmlps[layer]
+            x = residual(k, x, row_attn(x, row_attn.condition(z)))
+            x = residual(k + 1, x, row_cmlp(self.row_ffs[layer](x), row_cmlp.condition(z)))
+            x = residual(k + 2, x, col_attn(x, col_attn.condition(z), cache))
+            x = residual(k + 3, x, col_cmlp(self.col_ffs[layer](x), col_cmlp.condition(z)))
+        return x
+
+
+class RowInputs(NamedTuple):
+    """What the inner decoder reads per position besides its input: z, u and their conditioning."""
+
+    z: torch.Tensor  # (N, H', W', D)
+    upper: torch.Tensor  # (N, H', W', D)
+    conditioning: list  # per layer: (attention's (q, k, v) conditioning, cMLP conditioning), (N, H', W', ...)
+
+
+def _select_column(tree, column: torch.Tensor):
+    """Every tensor of nested tuples/lists (None kept) at `column` of its width axis (dim 2)."""
+    if tree is None or isinstance(tree, torch.Tensor):
+        return None if tree is None else tree.index_select(2, column)
+    items = [_select_column(t, column) for t in tree]
+    return RowInputs(*items) if isinstance(tree, RowInputs) else type(tree)(items)
+
+
+def _copy_into(dst, src) -> None:
+    """Copy every tensor of nested tuples/lists into the same-shaped buffers of `dst`, in place."""
+    if isinstance(dst, torch.Tensor):
+        dst.copy_(src)
+    elif dst is not None:
+        for d, s in zip(dst, src, strict=True):
+            _copy_into(d, s)
 
 
 class InnerDecoder(nn.Module):
     """Per layer: masked row attention, FF; attention and MLP conditioned on concat(z, u), cLN on z only
-    (u would leak later rows through the spatial average)."""
+    (u would leak later rows through the spatial average).
+
+    `forward` runs all pixels at once (teacher forcing). Sampling calls `start_row` once per row (it keeps
+    that row's z, u and their conditioning in the cache) and `step` once per pixel against the row
+    attentions' key/value caches; each step gives what `forward` gives at that pixel."""
 
     def __init__(self, cfg: ColorizerConfig):
         super().__init__()
@@ -122,12 +189,45 @@ class InnerDecoder(nn.Module):
     def forward(self, embeddings: torch.Tensor, upper: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
         """embeddings, upper (= u), z: (B, H, W, D) -> (B, H, W, D)."""
         x = self.pos_embed(shift_right(embeddings))
-        if self.skip:
-            x = x + z + upper
+        norms = [norm.condition(z) for norm in self.norms]
+        return self._layers(x, RowInputs(z, upper, self._conditioning(z, upper)), norms)
+
+    def _conditioning(self, z: torch.Tensor, upper: torch.Tensor) -> list:
         context = torch.cat((z, upper), dim=-1)  # z first, as the official code
-        for layer in range(len(self.attns)):
-            x = self.norms[2 * layer](x + self.dropout(self.attns[layer](x, context)), z)
-            x = self.norms[2 * layer + 1](x + self.dropout(self.cmlps[layer](self.ffs[layer](x), context)), z)
+        return [(att.condition(context), mlp.condition(context))
+                for att, mlp in zip(self.attns, self.cmlps, strict=True)]
+
+    def new_cache(self, z: torch.Tensor, dtype: torch.dtype) -> DecoderCache:
+        """A cache for stepping one row at a time, one pixel at a time, of images whose encoder output is z."""
+        cache = _new_cache(self, self.attns, z.shape[0], z, dtype)
+        row = torch.zeros_like(z[:, :1])  # (N, 1, W, D) buffers that `start_row` fills
+        cache.row = RowInputs(row, row.clone(), self._conditioning(row, row))
+        return cache
+
+    def start_row(self, z: torch.Tensor, upper: torch.Tensor, cache: DecoderCache,
+                  official_row_cln: bool = False) -> None:
+        """Load the next row to step: its z and u (N, 1, W, D) and their conditioning; the column index goes back
+        to 0. `official_row_cln` feeds the norms only this row of z, as the official sampler did (training
+        averaged the whole z)."""
+        cache.position.zero_()
+        _copy_into(cache.row, RowInputs(z, upper, self._conditioning(z, upper)))
+        if official_row_cln:
+            _copy_into(cache.norms, [norm.condition(z) for norm in self.norms])
+
+    def step(self, previous: torch.Tensor, row: torch.Tensor, cache: DecoderCache) -> torch.Tensor:
+        """The pixel at (row, cache.position) of the row `start_row` loaded: previous (N, 1, 1, D) is the
+        embedding of the pixel to its left (zeros in column 0) -> (N, 1, 1, D)."""
+        x = self.pos_embed(previous, row=row, column=cache.position)
+        return self._layers(x, _select_column(cache.row, cache.position), cache.norms, cache.layers)
+
+    def _layers(self, x, inputs: RowInputs, norm_conditioning, caches=None):
+        if self.skip:
+            x = x + inputs.z + inputs.upper
+        residual = partial(_residual, self.norms, norm_conditioning, self.dropout)
+        for layer, (att_cond, cmlp_cond) in enumerate(inputs.conditioning):
+            cache = None if caches is None else caches[layer]
+            x = residual(2 * layer, x, self.attns[layer](x, att_cond, cache))
+            x = residual(2 * layer + 1, x, self.cmlps[layer](self.ffs[layer](x), cmlp_cond))
         return x
 
 
@@ -155,7 +255,10 @@ class ColTranCore(nn.Module):
         return None if self.parallel_dense is None else self.parallel_dense(z).unsqueeze(-2)
 
     def head(self, activations: torch.Tensor) -> torch.Tensor:
-        return self.final_dense(self.final_norm(activations))
+        """Logits in the weights' precision (float32) even under autocast: losses and draws come from
+        full-precision logits."""
+        with torch.autocast(activations.device.type, enabled=False):
+            return self.final_dense(self.final_norm(activations.to(self.final_dense.weight.dtype)))
 
     def decode(self, symbols: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
         """Teacher-forced logits (B, H, W, 1, 512) for colour symbols (B, H, W) in 0..511."""

@@ -5,7 +5,8 @@ bias, optional conditional scale+shift of q/k/v from a per-position context, q s
 relative position bias b[head, key - query + L - 1] per layer, an additive -1e6 causal mask that keeps the
 diagonal, and an output projection without bias. Attention itself goes through
 `torch.nn.functional.scaled_dot_product_attention` (fused kernels on CUDA; on CPU the flash kernel at inference,
-the math kernel when the bias needs a gradient).
+the math kernel when the bias needs a gradient). Given a `KVCache`, the same forward steps one position along the
+axis: the new keys/values go into the cache and the query attends to everything cached so far.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from coltran.nn.cache import KVCache
 from coltran.nn.init import activation, glorot_uniform_
 
 MASK_VALUE = -1e6  # official additive mask; exp() underflows to exactly 0 in fp32
@@ -81,47 +83,73 @@ class AxialAttention(nn.Module):
             bias = bias.masked_fill(self._causal, MASK_VALUE)
         return bias
 
-    def condition(self, t: torch.Tensor, proj: nn.Linear | None, context: torch.Tensor | None) -> torch.Tensor:
-        """t (..., h, C) scaled and shifted (or shifted) by a projection of the per-position context."""
-        if proj is None:
+    def condition(self, context: torch.Tensor | None) -> tuple[torch.Tensor | None, ...]:
+        """The per-position conditioning of q, k and v from the context (..., Dc): each (..., h, 2C) = [scale |
+        shift] after the activation, or (..., h, C) = shift without it in the variant without scale (as the
+        official code), or None where that projection is unconditioned. A decoder computes it once per call
+        (teacher forcing) or once per row (sampling) and hands it to `forward`."""
+        if not self.conditional:
+            return (None, None, None)
+        if context is None:
+            raise ValueError("a conditional attention layer needs a context")
+        out = []
+        for proj in (self.cond_q, self.cond_k, self.cond_v):
+            cond = None if proj is None else proj(context).unflatten(-1, (self.num_heads, -1))
+            out.append(self._cond_act(cond) if cond is not None and self.cond_scale else cond)
+        return tuple(out)
+
+    def _modulate(self, t: torch.Tensor, cond: torch.Tensor | None) -> torch.Tensor:
+        if cond is None:
             return t
-        scale, shift = self.cond_scale_shift(proj, context)
-        return t + shift if scale is None else t * scale + shift
-
-    def cond_scale_shift(self, proj: nn.Linear, context: torch.Tensor):
-        """(scale, shift), each (..., h, C), that `proj` derives from the context ([scale | shift] split);
-        scale is None in the shift-only variant, which applies no activation (as the official code)."""
-        cond = proj(context).unflatten(-1, (self.num_heads, -1))  # (..., h, 2C | C)
         if not self.cond_scale:
-            return None, cond
-        scale, shift = self._cond_act(cond).split(self.head_size, dim=-1)
-        return scale, shift
+            return t + cond
+        scale, shift = cond.split(self.head_size, dim=-1)
+        return t * scale + shift
 
-    def project(self, x: torch.Tensor, context: torch.Tensor | None = None):
-        """q (pre-scaled by C^-1/2), k, v, each (..., h, C), for inputs x (..., D)."""
+    def _project(self, x: torch.Tensor, conditioning) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         heads = (self.num_heads, self.head_size)
-        q = self.condition(self.q(x).unflatten(-1, heads), self.cond_q, context)
-        k = self.condition(self.k(x).unflatten(-1, heads), self.cond_k, context)
-        v = self.condition(self.v(x).unflatten(-1, heads), self.cond_v, context)
+        cq, ck, cv = conditioning
+        q = self._modulate(self.q(x).unflatten(-1, heads), cq)
+        k = self._modulate(self.k(x).unflatten(-1, heads), ck)
+        v = self._modulate(self.v(x).unflatten(-1, heads), cv)
         return q * self.head_size**-0.5, k, v
 
-    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
-        """x (..., H, W, D) -> (..., H, W, D); context (..., H, W, Dc) when the layer is conditional."""
-        q, k, v = self.project(x, context)
-        lead = x.shape[:-3]
-        height, width = x.shape[-3], x.shape[-2]
-        if self.axis == "row":
-            seq = [t.reshape(-1, width, self.num_heads, self.head_size).transpose(1, 2) for t in (q, k, v)]
-        else:  # (..., H, W, h, C) -> (N*W, h, H, C)
-            seq = [t.transpose(-4, -3).reshape(-1, height, self.num_heads, self.head_size).transpose(1, 2)
-                   for t in (q, k, v)]
-        # (1, h, L, L): with a 4-D mask (and no gradient for it) the CPU picks its fused flash kernel, 5x faster
+    def project(self, x: torch.Tensor, context: torch.Tensor | None = None):
+        """q (pre-scaled by C^-1/2), k, v, each (..., h, C), for inputs x (..., D) under a raw context."""
+        return self._project(x, self.condition(context))
+
+    def new_cache(self, sequences: int, position: torch.Tensor, dtype: torch.dtype) -> KVCache:
+        """An empty cache for stepping `sequences` sequences (batch x the other axis) along this layer's axis;
+        `position` is the write index tensor the caller advances."""
+        shape = (sequences, self.num_heads, self.length, self.head_size)
+        keys = torch.zeros(shape, dtype=dtype, device=self.rel_bias.device)
+        return KVCache(keys, torch.zeros_like(keys), self.bias_matrix().detach().to(dtype), position)
+
+    def forward(self, x: torch.Tensor, conditioning: tuple | None = None,
+                cache: KVCache | None = None) -> torch.Tensor:
+        """x (..., H, W, D) -> (..., H, W, D); `conditioning` is `condition(context)` for the same positions when
+        the layer is conditional. With a cache, x holds the one position `cache.position` along the axis (W = 1
+        for a row layer, H = 1 for a column layer) and attends to it and the positions cached before it."""
+        if conditioning is None:
+            conditioning = self.condition(None)
+        lead, height, width = x.shape[:-3], x.shape[-3], x.shape[-2]
+        q, k, v = (self._sequences(t) for t in self._project(x, conditioning))  # (N, h, L, C)
+        if cache is None:
+            bias = self.bias_matrix()  # (h, L, L)
+        else:
+            k, v, bias = cache.update(k, v)  # (N, h, L_full, C), bias (h, 1, L_full)
+        # (1, h, Lq, Lk): with a 4-D mask (and no gradient for it) the CPU picks its fused flash kernel, 5x faster
         # than the math kernel that a 3-D mask gets (benchmarks/attention.py); with a gradient both use math.
-        mask = self.bias_matrix().to(seq[0].dtype)[None]
-        out = F.scaled_dot_product_attention(*seq, attn_mask=mask, scale=1.0)  # (N, h, L, C)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias.to(q.dtype)[None], scale=1.0)
         out = out.transpose(1, 2)  # (N, L, h, C)
         if self.axis == "row":
             out = out.reshape(*lead, height, width, -1)
         else:
             out = out.reshape(*lead, width, height, -1).transpose(-3, -2)
         return self.out(out)
+
+    def _sequences(self, t: torch.Tensor) -> torch.Tensor:
+        """(..., H, W, h, C) -> (N, h, L, C): sequences along the axis, the other axes folded into N."""
+        if self.axis == "column":
+            t = t.transpose(-4, -3)  # (..., W, H, h, C)
+        return t.reshape(-1, t.shape[-3], self.num_heads, self.head_size).transpose(1, 2)

@@ -1,8 +1,10 @@
 """Feed-forward blocks and the conditional layers of ColTran (paper section 3.2; official `ConditionalLayerNorm`,
 `cond_with_context`).
 
-Plain and conditional variants share one call signature `(x, context)` so that a block picks its variant when
-it is built and `forward` never branches on configuration.
+Every conditional layer has two halves: `condition(context)` projects the context, `forward(x, conditioning)`
+applies it. A decoder computes the conditioning of all its layers at once (per call in teacher forcing, per image
+or per row while sampling). Plain and conditional norms share the signature, so a block picks its variant when it
+is built and `forward` never branches on configuration.
 """
 
 from __future__ import annotations
@@ -40,20 +42,18 @@ class ConditionalMLP(nn.Module):
         self.proj = dense(cond_size, 2 * hidden_size if kind == "affine" else hidden_size)
         self._act = activation(act)
 
-    def modulation(self, context: torch.Tensor) -> torch.Tensor:
-        """The projected context; the sampler computes it once per row and reuses it. As in the official
+    def condition(self, context: torch.Tensor) -> torch.Tensor:
+        """The per-position projection of the context (..., Dc) -> (..., 2D | D). As in the official
         `cond_with_context`, the activation applies to the affine [shift | scale] only, not to 'shift'."""
         out = self.proj(context)
         return self._act(out) if self.kind == "affine" else out
 
-    def modulate(self, y: torch.Tensor, modulation: torch.Tensor) -> torch.Tensor:
+    def forward(self, y: torch.Tensor, conditioning: torch.Tensor) -> torch.Tensor:
+        """y (..., D) modulated by `condition(context)` of the same positions."""
         if self.kind == "shift":
-            return y + modulation
-        shift, scale = modulation.chunk(2, dim=-1)
+            return y + conditioning
+        shift, scale = conditioning.chunk(2, dim=-1)
         return y * scale + shift
-
-    def forward(self, y: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
-        return self.modulate(y, self.modulation(context))
 
 
 class ConditionalLayerNorm(nn.Module):
@@ -80,22 +80,17 @@ class ConditionalLayerNorm(nn.Module):
             c = self.spatial_weights[:, :, None] * c
         return c.mean(dim=(-3, -2), keepdim=True)
 
-    def modulation(self, context: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(scale, shift), each (B, 1, 1, D): position-independent, so computed once per image."""
+    def condition(self, context: torch.Tensor) -> torch.Tensor:
+        """[scale | shift] (B, 1, 1, 2D) from the context (B, h, w, Dc): position-independent, so a decoder
+        computes it once per call (teacher forcing) or once per image (sampling)."""
         if self.sequence == "sc":
-            out = self.proj(self._spatial_mean(context))
-        else:
-            out = self._spatial_mean(self.proj(context))
-        scale, shift = self._act(out).chunk(2, dim=-1)
-        return scale, shift
+            return self._act(self.proj(self._spatial_mean(context)))
+        return self._act(self._spatial_mean(self.proj(context)))
 
-    @staticmethod
-    def normalize(x: torch.Tensor, modulation: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-        scale, shift = modulation
+    def forward(self, x: torch.Tensor, conditioning: torch.Tensor) -> torch.Tensor:
+        """x (B, ..., D) normalised and modulated by `condition(context)` (B, 1, 1, 2D)."""
+        scale, shift = conditioning.chunk(2, dim=-1)
         return F.layer_norm(x, x.shape[-1:], eps=LAYER_NORM_EPS) * scale + shift
-
-    def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
-        return self.normalize(x, self.modulation(context))
 
 
 class PlainLayerNorm(nn.LayerNorm):
@@ -104,11 +99,8 @@ class PlainLayerNorm(nn.LayerNorm):
     def __init__(self, hidden_size: int):
         super().__init__(hidden_size, eps=LAYER_NORM_EPS)
 
-    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
+    def condition(self, context: torch.Tensor | None = None) -> None:
+        return None
+
+    def forward(self, x: torch.Tensor, conditioning: None = None) -> torch.Tensor:
         return super().forward(x)
-
-    def modulation(self, context: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """(weight, bias): lets the sampler treat plain and conditional norms alike via `normalize`."""
-        return self.weight, self.bias
-
-    normalize = staticmethod(ConditionalLayerNorm.normalize)

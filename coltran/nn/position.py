@@ -14,12 +14,13 @@ class PositionEmbedding(nn.Module):
         self.row = nn.Parameter(torch.randn(height, 1, hidden_size) * std)
         self.column = nn.Parameter(torch.randn(width, hidden_size) * std)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x + self.row + self.column
-
-    def table(self) -> torch.Tensor:
-        """(H, W, D): the embedding of every position (used by the sampler, one row at a time)."""
-        return self.row + self.column
+    def forward(self, x: torch.Tensor, row: torch.Tensor | None = None,
+                column: torch.Tensor | None = None) -> torch.Tensor:
+        """x (..., H, W, D) plus each position's embedding. A decoder stepping one row or one pixel passes its
+        `row` / `column` index as a 1-element int64 tensor, and x then covers only that row / column."""
+        rows = self.row if row is None else self.row.index_select(0, row)  # (H | 1, 1, D)
+        columns = self.column if column is None else self.column.index_select(0, column)  # (W | 1, D)
+        return x + rows + columns
 
 
 def shift_down(x: torch.Tensor) -> torch.Tensor:

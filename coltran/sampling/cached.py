@@ -1,25 +1,25 @@
-"""Fast, exact autoregressive sampling for ColTranCore with key/value caches.
+"""Exact autoregressive sampling for ColTranCore: the model's own decoders stepped against key/value caches.
 
-The official sampler re-runs the whole outer decoder once per row and the inner decoder on a whole row once per
-pixel. Here: the encoder and auxiliary head run once; the outer decoder advances one row at a time, its masked
-column attention reading cached keys/values of the finished rows; the inner decoder advances one pixel at a
-time over cached row keys/values; the cLN scales/shifts (position independent) are computed once per image and
-the conditional projections of the context once per row. Shapes are static (full-length caches plus the
-additive mask), so the per-pixel step is graph-capturable on CUDA.
-
-Results equal the teacher-forced network: re-scoring a sample reproduces its probabilities.
+The encoder and auxiliary head run once per image. Per pixel, `InnerDecoder.step` and the head give the logits
+and the image's uniform stream picks the symbol; per finished row, `OuterDecoder.step` gives u of the next row.
+Positions are tensors and every buffer is preallocated, so `compile=True` compiles the steps once per model
+structure, precision and batch of one or more (`coltran.sampling.compiled`) and, on CUDA, replays one row of pixel
+steps as a captured CUDA graph; eager is the reference. Re-scoring a sample with the teacher-forced network reproduces its probabilities.
 `official_row_cln=True` reproduces the official sampler, whose inner-decoder cLN sees only the current row of z.
 """
 
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import partial
 
 import torch
-import torch.nn.functional as F
 
+from coltran.nn import DecoderCache
+from coltran.sampling import compiled
 from coltran.sampling.draw import check_mode, draw_symbols, make_uniforms
 from coltran.transforms import symbols_to_colors
 
@@ -35,125 +35,73 @@ class ColorizerSamples:
     parallel: torch.Tensor | None  # (N, H, W, 3) uint8 argmax of the auxiliary head, if the model has one
 
 
-def _flat(mod: tuple[torch.Tensor, torch.Tensor], shape: tuple[int, ...]):
-    """cLN (scale, shift) of shape (N, 1, 1, D), or plain LN (D,), reshaped to broadcast over `shape`."""
-    return tuple(m if m.dim() == 1 else m.reshape(shape) for m in mod)
+@dataclass
+class _State:
+    """Everything the steps read and write. Tensors change only in place, so their addresses stay fixed."""
+
+    z: torch.Tensor  # (N, H, W, D) encoder output
+    uniforms: torch.Tensor  # (N, H*W) float32
+    greedy: torch.Tensor  # () bool: argmax instead of sampling
+    temperature: torch.Tensor  # () float32
+    symbols: torch.Tensor  # (N, H*W) int64
+    log_probs: torch.Tensor  # (N, H*W) float32
+    probs: torch.Tensor | None  # (N, H*W, 512) float32
+    outer: DecoderCache  # position: the row being sampled
+    inner: DecoderCache  # position: the column being sampled; holds the row's inputs
+    previous: torch.Tensor  # (N, 1, 1, D) embedding of the pixel to the left (zeros in column 0)
+    official_row_cln: bool
 
 
-class _OuterRowStepper:
-    """Computes the outer decoder's output for one finished row, given the cached rows above it."""
-
-    def __init__(self, outer, z: torch.Tensor):
-        n, height, width, _ = z.shape
-        self.outer, self.z = outer, z
-        self.pos = outer.pos_embed.table()  # (H, W, D)
-        self.mods = [_flat(norm.modulation(z), (n, 1, -1)) for norm in outer.norms]
-        self.keys, self.values = [], []
-        for att in outer.col_attns:
-            shape = (n, width, att.num_heads, height, att.head_size)
-            self.keys.append(z.new_zeros(shape))
-            self.values.append(z.new_zeros(shape))
-
-    def step(self, i: int, embeddings: torch.Tensor) -> torch.Tensor:
-        """embeddings (N, W, D) of row i -> outer output (N, W, D) of row i (the inner context of row i + 1)."""
-        o, zi = self.outer, self.z[:, i]
-        norm = o.norms[0].normalize
-        x = embeddings + self.pos[i]
-        if o.skip:
-            x = x + zi
-        for layer in range(len(o.row_attns)):
-            mods = self.mods[4 * layer: 4 * layer + 4]
-            x = norm(x + o.row_attns[layer](x[:, None], zi[:, None])[:, 0], mods[0])
-            x = norm(x + o.row_cmlps[layer](o.row_ffs[layer](x), zi), mods[1])
-            att = o.col_attns[layer]
-            q, k, v = att.project(x, zi)  # (N, W, h, C)
-            self.keys[layer][:, :, :, i] = k
-            self.values[layer][:, :, :, i] = v
-            bias = att.bias_matrix()[:, i : i + 1, :].to(q.dtype)  # (h, 1, H): rows > i masked
-            out = F.scaled_dot_product_attention(q.unsqueeze(-2), self.keys[layer], self.values[layer],
-                                                 attn_mask=bias, scale=1.0)  # (N, W, h, 1, C)
-            x = norm(x + att.out(out.flatten(-3)), mods[2])
-            x = norm(x + o.col_cmlps[layer](o.col_ffs[layer](x), zi), mods[3])
-        return x
+def sample_pixel(model, s: _State) -> None:
+    """Sample the pixel at (outer.position, inner.position) and move one column right."""
+    row, column = s.outer.position, s.inner.position
+    logits = model.head(model.inner_decoder.step(s.previous, row, s.inner)).flatten(0, 2)  # (N, 512) float32
+    pixel = row * s.z.shape[2] + column  # (1,) raster index
+    chosen, probs = draw_symbols(logits, s.uniforms.index_select(1, pixel)[:, 0], s.greedy, s.temperature)
+    s.symbols.index_copy_(1, pixel, chosen[:, None])
+    s.log_probs.index_copy_(1, pixel, torch.log_softmax(logits, -1).gather(-1, chosen[:, None]))
+    if s.probs is not None:
+        s.probs.index_copy_(1, pixel, probs[:, None])
+    s.previous.copy_(model.pixel_embed(chosen).view_as(s.previous))
+    column.add_(1)
 
 
-class _InnerPixelStepper:
-    """Runs the inner decoder and the head for one pixel at a time within a row."""
+def next_row(model, s: _State) -> None:
+    """Run the outer decoder on the finished row, giving u of the next row, and start that row."""
+    n, height, width, _ = s.z.shape
+    row = s.outer.position
+    embeddings = model.pixel_embed(s.symbols.view(n, height, width).index_select(1, row))  # (N, 1, W, D)
+    upper = model.outer_decoder.step(embeddings, s.z.index_select(1, row), s.outer)
+    row.add_(1)
+    _start_row(model, s, upper)
 
-    def __init__(self, model, z: torch.Tensor, official_row_cln: bool):
-        inner = model.inner_decoder
-        n, _, width, _ = z.shape
-        self.model, self.inner, self.z, self.row_cln = model, inner, z, official_row_cln
-        self.pos = inner.pos_embed.table()
-        self.full_mods = None if official_row_cln else [_flat(nm.modulation(z), (n, -1)) for nm in inner.norms]
-        self.qkv_weights, self.bias_rows, self.keys, self.values = [], [], [], []
-        for att in inner.attns:
-            self.qkv_weights.append(torch.cat((att.q.weight, att.k.weight, att.v.weight)))  # (3hC, D)
-            self.bias_rows.append(att.bias_matrix())  # (h, W, W)
-            shape = (n, att.num_heads, width, att.head_size)
-            self.keys.append(z.new_zeros(shape))
-            self.values.append(z.new_zeros(shape))
 
-    def start_row(self, i: int, upper: torch.Tensor) -> None:
-        """Precompute everything of row i that does not depend on the pixels being generated."""
-        zi = self.z[:, i]
-        self.base = self.pos[i] + zi + upper if self.inner.skip else self.pos[i].expand_as(zi)  # (N, W, D)
-        context = torch.cat((zi, upper), dim=-1)  # (N, W, 2D)
-        self.scales, self.shifts, self.cmlp_mods = [], [], []
-        for att, cmlp in zip(self.inner.attns, self.inner.cmlps, strict=True):
-            scale, shift = self._qkv_conditioning(att, context)
-            self.scales.append(scale)
-            self.shifts.append(shift)
-            self.cmlp_mods.append(cmlp.modulation(context))
-        if self.row_cln:  # official quirk: the cLN average sees only row i of z
-            n = zi.shape[0]
-            self.mods = [_flat(nm.modulation(self.z[:, i : i + 1]), (n, -1)) for nm in self.inner.norms]
-        else:
-            self.mods = self.full_mods
+def _start_row(model, s: _State, upper: torch.Tensor) -> None:
+    s.previous.zero_()
+    model.inner_decoder.start_row(s.z.index_select(1, s.outer.position), upper, s.inner, s.official_row_cln)
 
-    @staticmethod
-    def _qkv_conditioning(att, context: torch.Tensor):
-        """Per-position (scale, shift) for q, k, v stacked: (N, W, 3, h, C) each; identity where unconditioned."""
-        n, width, _ = context.shape
-        shape = (n, width, att.num_heads, att.head_size)
-        scales, shifts = [], []
-        for proj in (att.cond_q, att.cond_k, att.cond_v):
-            scale, shift = context.new_ones(shape), context.new_zeros(shape)
-            if proj is not None:
-                cond_scale, shift = att.cond_scale_shift(proj, context)
-                scale = scale if cond_scale is None else cond_scale
-            scales.append(scale)
-            shifts.append(shift)
-        return torch.stack(scales, dim=2), torch.stack(shifts, dim=2)
 
-    def step(self, j: int, previous: torch.Tensor | None) -> torch.Tensor:
-        """previous: embedding (N, D) of pixel j - 1 (None at j = 0) -> logits (N, 512) of pixel j."""
-        inner = self.inner
-        norm = inner.norms[0].normalize
-        x = self.base[:, j] if previous is None else self.base[:, j] + previous
-        n = x.shape[0]
-        for layer, att in enumerate(inner.attns):
-            qkv = F.linear(x, self.qkv_weights[layer]).view(n, 3, att.num_heads, att.head_size)
-            q, k, v = (qkv * self.scales[layer][:, j] + self.shifts[layer][:, j]).unbind(1)
-            self.keys[layer][:, :, j] = k
-            self.values[layer][:, :, j] = v
-            bias = self.bias_rows[layer][:, j : j + 1, :].to(q.dtype)  # (h, 1, W): pixels > j masked
-            out = F.scaled_dot_product_attention((q * att.head_size**-0.5).unsqueeze(-2), self.keys[layer],
-                                                 self.values[layer], attn_mask=bias, scale=1.0)  # (N, h, 1, C)
-            x = norm(x + att.out(out.reshape(n, -1)), self.mods[2 * layer])
-            y = inner.cmlps[layer].modulate(inner.ffs[layer](x), self.cmlp_mods[layer][:, j])
-            x = norm(x + y, self.mods[2 * layer + 1])
-        return self.model.head(x)
+def sample_pixels(model, s: _State, count: int) -> None:
+    """`count` pixels of the current row, left to right: compiled, one call runs them all, so the per-call cost
+    of a compiled graph (tens of microseconds on CPU, comparable to a pixel's work) is paid once per `count`."""
+    for _ in range(count):
+        sample_pixel(model, s)
+
+
+PIXELS_PER_CALL = 8  # compiled pixels per call: 8 leaves a few us of per-call cost per pixel; more costs compile time
 
 
 @torch.no_grad()
 def sample_colorizer(model, gray: torch.Tensor, *, num_samples: int = 1, mode: str = "sample",
                      temperature: float = 1.0, seeds: Sequence[int] | None = None,
                      uniforms: torch.Tensor | None = None, official_row_cln: bool = False,
-                     return_probs: bool = False) -> ColorizerSamples:
+                     return_probs: bool = False, compile: bool = False) -> ColorizerSamples:
     """Colour symbols for gray (B, H, W) in 0..255, `num_samples` per image, batched together.
 
-    seeds: one per image (default 0 for every image); ignored when `uniforms` (N, H*W) is given.
+    seeds: one per image (default 0, 1, ..., B-1); ignored when `uniforms` (N, H*W) is given.
+    compile: torch.compile the row and pixel steps (compiled once per process, model and batch shape) and, on
+    CUDA, replay each row's pixel steps as one CUDA graph. Under autocast the caches live in the autocast dtype
+    and the logits and draws stay float32.
     """
     check_mode(mode, temperature)
     if model.training:
@@ -163,28 +111,82 @@ def sample_colorizer(model, gray: torch.Tensor, *, num_samples: int = 1, mode: s
         raise ValueError(f"gray must be (B, {height}, {width}), got {tuple(gray.shape)}")
     device = next(model.parameters()).device
     batch = gray.shape[0]
-    gray = gray.to(device).long().repeat_interleave(num_samples, dim=0)
     if uniforms is None:
-        seeds = [0] * batch if seeds is None else list(seeds)
+        seeds = list(range(batch)) if seeds is None else list(seeds)
         if len(seeds) != batch:
             raise ValueError(f"got {len(seeds)} seeds for {batch} images")
         uniforms = make_uniforms(seeds, num_samples, height * width, device)
-    uniforms = uniforms.to(device)
-
-    z = model.encode(gray)
+    z = model.encode(gray.to(device).long())  # each image once, then repeated per sample
     aux = model.encoder_logits(z)
     parallel = None if aux is None else symbols_to_colors(aux[..., 0, :].argmax(-1)).to(torch.uint8)
-    with _single_threaded(device):
-        symbols, log_probs, probs_out = _generate(model, z, uniforms, mode, temperature, official_row_cln,
-                                                  return_probs)
-    colors3 = symbols_to_colors(symbols).to(torch.uint8)
-    return ColorizerSamples(symbols, colors3, log_probs, probs_out, parallel)
+    z = z.repeat_interleave(num_samples, dim=0)
+    s = _initial_state(model, z, uniforms.to(device), mode, temperature, official_row_cln, return_probs)
+    _generate(model, s, compile, height)
+    symbols = s.symbols.view(-1, height, width)
+    probs = None if s.probs is None else s.probs.view(-1, height, width, s.probs.shape[-1])
+    parallel = None if parallel is None else parallel.repeat_interleave(num_samples, dim=0)
+    return ColorizerSamples(symbols, symbols_to_colors(symbols).to(torch.uint8),
+                            s.log_probs.view(-1, height, width), probs, parallel)
+
+
+def _initial_state(model, z, uniforms, mode, temperature, official_row_cln, return_probs) -> _State:
+    n, height, width, d = z.shape
+    dtype = torch.get_autocast_dtype(z.device.type) if torch.is_autocast_enabled(z.device.type) else z.dtype
+    pixels = height * width
+    s = _State(
+        z=z, uniforms=uniforms.float(), greedy=torch.tensor(mode == "argmax", device=z.device),
+        temperature=torch.tensor(float(temperature), device=z.device),
+        symbols=torch.zeros(n, pixels, dtype=torch.long, device=z.device),
+        log_probs=torch.zeros(n, pixels, device=z.device),
+        probs=torch.zeros(n, pixels, model.final_dense.out_features, device=z.device) if return_probs else None,
+        outer=model.outer_decoder.new_cache(z, dtype), inner=model.inner_decoder.new_cache(z, dtype),
+        previous=z.new_zeros(n, 1, 1, model.pixel_embed.embedding_dim), official_row_cln=official_row_cln,
+    )
+    _start_row(model, s, z.new_zeros(n, 1, width, d))  # row 0: u is zero
+    return s
+
+
+def _tensors(tree):
+    if isinstance(tree, torch.Tensor):
+        yield tree
+    elif isinstance(tree, DecoderCache):
+        yield from _tensors([tree.norms, tree.row, *((c.keys, c.values) for c in tree.layers)])
+    elif isinstance(tree, (list, tuple)):
+        for t in tree:
+            yield from _tensors(t)
+
+
+def _generate(model, s: _State, compile: bool, rows: int) -> None:
+    """The raster loop over the first `rows` rows (benchmarks time a prefix): the row's pixels, then one row
+    step. Compiled, `count` pixels go per call, and on CUDA rows after the first replay a captured graph."""
+    height, width = s.z.shape[1:3]
+    device = s.z.device
+    count = math.gcd(width, PIXELS_PER_CALL) if compile else 1
+    pixels, row = sample_pixels, next_row
+    if compile:
+        compiled.mark_batch_dynamic(_tensors([s.z, s.uniforms, s.symbols, s.log_probs, s.probs, s.previous,
+                                              s.outer, s.inner]))
+        pixels, row = compiled.compiled(sample_pixels, device.type), compiled.compiled(next_row, device.type)
+    graph = None
+    for i in range(rows):
+        with compiled.steady(compile and i > 0), _single_threaded(device):  # row 0 runs every guard
+            if graph is not None:
+                graph.replay()
+            else:
+                for _ in range(width // count):
+                    pixels(model, s, count)
+        if compile and device.type == "cuda" and graph is None and i + 2 < rows:
+            graph = compiled.capture(partial(pixels, model, s, count), width // count)  # row i + 1 replays it
+        if i + 1 < height:
+            with compiled.steady(compile and i > 0):
+                row(model, s)
 
 
 @contextlib.contextmanager
 def _single_threaded(device: torch.device):
-    """On CPU the per-pixel ops take microseconds: OpenMP fork/join costs more than it saves, and on a busy
-    machine spinning threads slow the loop down several-fold. Run the loop on one thread, then restore."""
+    """On CPU a pixel step's ops take microseconds: OpenMP fork/join costs more than it saves, and on a busy
+    machine spinning threads slow the loop down several-fold. The pixel loop runs on one thread; the encoder
+    and the row steps, which parallelise well, keep all threads."""
     if device.type != "cpu":
         yield
         return
@@ -194,28 +196,3 @@ def _single_threaded(device: torch.device):
         yield
     finally:
         torch.set_num_threads(threads)
-
-
-def _generate(model, z, uniforms, mode, temperature, official_row_cln, return_probs):
-    """The raster loop: one inner-decoder step per pixel, one outer-decoder step per finished row."""
-    n, height, width, _ = z.shape
-    device = z.device
-    outer, inner = _OuterRowStepper(model.outer_decoder, z), _InnerPixelStepper(model, z, official_row_cln)
-    symbols = torch.zeros(n, height, width, dtype=torch.long, device=device)
-    log_probs = torch.zeros(n, height, width, device=device)
-    probs_out = torch.zeros(n, height, width, 512, device=device) if return_probs else None
-    upper = torch.zeros_like(z[:, 0])
-    for i in range(height):
-        inner.start_row(i, upper)
-        previous = None
-        for j in range(width):
-            logits = inner.step(j, previous)
-            chosen, probs = draw_symbols(logits, uniforms[:, i * width + j], mode, temperature)
-            symbols[:, i, j] = chosen
-            log_probs[:, i, j] = torch.log_softmax(logits.float(), -1).gather(-1, chosen[:, None])[:, 0]
-            if probs_out is not None:
-                probs_out[:, i, j] = probs
-            previous = model.pixel_embed(chosen)
-        if i + 1 < height:
-            upper = outer.step(i, model.pixel_embed(symbols[:, i]))
-    return symbols, log_probs, probs_out

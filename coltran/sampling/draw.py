@@ -37,14 +37,18 @@ def check_mode(mode: str, temperature: float) -> None:
         raise ValueError(f"temperature must be > 0, got {temperature}")
 
 
-def draw_symbols(logits: torch.Tensor, uniforms: torch.Tensor, mode: str, temperature: float = 1.0):
+def draw_symbols(logits: torch.Tensor, uniforms: torch.Tensor, mode: str | torch.Tensor,
+                 temperature: float | torch.Tensor = 1.0):
     """logits (N, K), uniforms (N,) -> (symbols (N,) int64, probs (N, K) float32 at this temperature).
 
-    'sample' takes the first class whose CDF exceeds u (inverse CDF); 'argmax' the most likely class.
+    'sample' takes the first class whose CDF exceeds u * total (inverse CDF; a class of probability zero is
+    never drawn, not even at u = 0); 'argmax' the most likely class. `mode` may instead be a bool tensor (True:
+    argmax), which a compiled step reads without recompiling per mode. Float32 whatever the logits' dtype.
     """
-    probs = torch.softmax(logits.float() / temperature, dim=-1)
-    if mode == "argmax":
-        return logits.argmax(dim=-1), probs
+    greedy = mode == "argmax" if isinstance(mode, str) else mode
+    logits = logits.float()
+    probs = torch.softmax(logits / temperature, dim=-1)
     cdf = probs.cumsum(dim=-1)
-    symbols = (cdf < uniforms[:, None].to(cdf) * cdf[:, -1:]).sum(dim=-1)
-    return symbols.clamp_max(logits.shape[-1] - 1), probs
+    target = uniforms.to(cdf)[:, None] * cdf[:, -1:]  # (N, 1)
+    sampled = torch.searchsorted(cdf, target, right=True)[:, 0].clamp_max(logits.shape[-1] - 1)
+    return torch.where(torch.as_tensor(greedy, device=logits.device), logits.argmax(dim=-1), sampled), probs
