@@ -1,5 +1,6 @@
 """A training worker's EMA across checkpoints: the warm-up switch reaches the EMA, the update count is saved and
-restored, and a checkpoint written before counts were saved resumes with its step as the count."""
+restored, and a checkpoint written before counts were saved resumes with its step as the count. Data position on
+resume: the batches consumed before the checkpoint are not read again (a shard that counts what it hands out)."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import torch
 from coltran.configs import apply_overrides, preset
 from coltran.models import build_model
 from pipelines.train.config import TrainSpec
+from pipelines.train.data import DataPosition, epoch_batches, train_batches
 from pipelines.train.state import restore, save_and_report
 from pipelines.train.worker import initial_state
 
@@ -84,3 +86,67 @@ def test_a_checkpoint_without_the_count_resumes_with_its_step_as_the_count(check
     state = _resumed()
     assert (state.step, state.ema.num_updates) == (5, 5)
     assert state.ema.current_decay() == pytest.approx(6 / 15)
+
+
+class CountingShard:
+    """Stands in for a worker's Ray Data shard: every epoch hands out `per_epoch` batches, counting each one it
+    reads and collates, and records whether each epoch's iterator was closed (the streaming split's signal)."""
+
+    def __init__(self, per_epoch: int):
+        self.per_epoch, self.reads, self.epochs, self.closed = per_epoch, 0, [], []
+
+    def iter_torch_batches(self, *, local_shuffle_seed, **_):
+        self.epochs.append(local_shuffle_seed)
+        epoch = len(self.epochs) - 1
+        self.closed.append(False)
+        try:
+            for i in range(self.per_epoch):
+                self.reads += 1
+                yield {"index": torch.tensor([epoch, i])}
+        finally:
+            self.closed[epoch] = True
+
+
+def _batches(shard, position, per_epoch):
+    return train_batches(shard, 2, position, seed=0, device=torch.device("cpu"), per_epoch=per_epoch)
+
+
+def _take(batches, count):
+    return [next(batches) for _ in range(count)]
+
+
+def test_resume_mid_epoch_reads_only_the_batches_left_in_it():
+    shard, position = CountingShard(per_epoch=10), DataPosition(epoch=3, batch=7)
+    batches = _batches(shard, position, per_epoch=10)
+    _take(batches, 3)  # the 3 batches epoch 3 had left
+    assert shard.reads == 3 and (position.epoch, position.batch) == (3, 10)
+    assert shard.epochs == [3] and shard.closed == [False]  # nothing past the epoch was asked for yet
+    _take(batches, 1)  # the next batch starts epoch 4 in full
+    assert shard.reads == 4 and (position.epoch, position.batch) == (4, 1)
+    assert shard.epochs == [3, 4] and shard.closed == [True, False]  # epoch 3's iterator was closed early
+    # the old behaviour, without the epoch's length: every consumed batch is read again and dropped
+    old = CountingShard(per_epoch=10)
+    _take(_batches(old, DataPosition(epoch=3, batch=7), per_epoch=None), 3)
+    assert old.reads == 10
+
+
+def test_resume_at_an_epoch_end_starts_the_next_epoch_without_reading():
+    shard, position = CountingShard(per_epoch=4), DataPosition(epoch=1, batch=4)
+    _take(_batches(shard, position, per_epoch=4), 1)
+    assert shard.reads == 1 and shard.epochs == [2] and (position.epoch, position.batch) == (2, 1)
+
+
+def test_a_fresh_epoch_runs_to_the_shards_end():
+    shard, position = CountingShard(per_epoch=3), DataPosition()
+    _take(_batches(shard, position, per_epoch=None), 5)
+    assert shard.reads == 5 and (position.epoch, position.batch) == (1, 2) and shard.closed[0]
+
+
+def test_epoch_length_comes_from_the_parquet_footers(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    (tmp_path / "train").mkdir()
+    for i, rows in enumerate((30, 23)):
+        pq.write_table(pa.table({"x": list(range(rows))}), tmp_path / "train" / f"part-{i}.parquet")
+    assert epoch_batches(str(tmp_path), "train", world=2, batch_size=4) == (53 // 2) // 4

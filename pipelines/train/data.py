@@ -55,22 +55,48 @@ class DataPosition:
     batch: int = 0  # batches of this epoch already consumed
 
 
-def train_batches(shard, batch_size: int, position: DataPosition, seed: int,
-                  device: torch.device) -> Iterator[dict[str, torch.Tensor]]:
-    """Endless batches from a worker's shard, advancing `position` in place. On resume the epoch in `position`
-    is restarted with the same shuffle seed and its consumed batches are skipped, so epochs stay counted;
-    Ray Data hands blocks to workers dynamically, so the exact sample order is not replayed."""
+def epoch_batches(root: str, split: str, world: int, batch_size: int) -> int:
+    """Batches one worker's shard gives per epoch, from the Parquet footers (no row is read): Ray Train splits the
+    training set with `streaming_split(world, equal=True)`, so every shard holds rows // world rows, and
+    `drop_last` keeps whole batches only."""
+    fs, path = resolve_path(root)
+    rows = pads.dataset(_parquet_files(fs, f"{path}/{split}", root, split), filesystem=fs,
+                        format="parquet").count_rows()
+    return (rows // world) // batch_size
+
+
+def train_batches(shard, batch_size: int, position: DataPosition, seed: int, device: torch.device,
+                  per_epoch: int | None = None) -> Iterator[dict[str, torch.Tensor]]:
+    """Endless batches from a worker's shard, advancing `position` in place.
+
+    On resume mid-epoch (`position.batch` > 0) the epoch goes on for the `per_epoch - position.batch` batches it
+    had left and then ends: the shard is iterated only that far (the iterator is closed early, which Ray Data's
+    streaming split supports), so the batches consumed before the checkpoint are never read, collated or copied
+    again. Ray Data hands blocks to workers dynamically, so no run replays an exact sample order: what resume
+    keeps is the epoch count and each epoch's length. Every rank restores the same position and holds the same
+    number of rows, so all ranks end the shortened epoch at the same batch. Without `per_epoch` the consumed
+    batches are read and dropped (the fallback for shards of unknown length)."""
     while True:
         skip, produced = position.batch, 0
-        batches = shard.iter_torch_batches(batch_size=batch_size, drop_last=True, device=device,
-                                           local_shuffle_buffer_size=SHUFFLE_BUFFER,
-                                           local_shuffle_seed=seed * 100_003 + position.epoch)
-        for batch in batches:
-            produced += 1
-            if produced <= skip:
-                continue
-            position.batch += 1
-            yield batch
+        remaining = per_epoch - skip if per_epoch is not None and skip else None
+        if remaining is not None and remaining <= 0:  # saved just after the epoch's last batch
+            position.epoch, position.batch = position.epoch + 1, 0
+            continue
+        batches = iter(shard.iter_torch_batches(batch_size=batch_size, drop_last=True, device=device,
+                                                local_shuffle_buffer_size=SHUFFLE_BUFFER,
+                                                local_shuffle_seed=seed * 100_003 + position.epoch))
+        try:
+            for batch in batches:
+                produced += 1
+                if remaining is None and produced <= skip:
+                    continue
+                position.batch += 1
+                yield batch
+                if remaining is not None and produced >= remaining:
+                    break  # the rest of the epoch was consumed before the checkpoint
+        finally:
+            if hasattr(batches, "close"):
+                batches.close()  # tells the streaming split now that this shard's epoch is over
         if produced == 0:
             raise RuntimeError(f"the training shard gave no batch of {batch_size} rows; the dataset is smaller "
                                "than one per-worker batch")

@@ -23,7 +23,7 @@ from coltran.optim import EMA, make_optimizer
 from pipelines.io.s3 import resolve_path
 from pipelines.tracking.runs import RunLogger
 from pipelines.train.config import TrainSpec, job_from_dict
-from pipelines.train.data import eval_batches, train_batches
+from pipelines.train.data import epoch_batches, eval_batches, train_batches
 from pipelines.train.evaluation import evaluate, sample_grid
 from pipelines.train.state import TrainState, replica_spread, restore, save_and_report
 
@@ -130,7 +130,10 @@ class _Loop:
     def run(self, shard, per_worker: int) -> None:
         state, t = self.state, self.train
         if state.step < t.max_steps:
-            batches = train_batches(shard, per_worker, state.position, t.seed + self.rank, self.device)
+            per_epoch = None
+            if state.position.batch:  # resuming mid-epoch: its length lets the skipped batches go unread
+                per_epoch = epoch_batches(self.job.dataset, self.job.train_split, self.world, per_worker)
+            batches = train_batches(shard, per_worker, state.position, t.seed + self.rank, self.device, per_epoch)
             window = _Window()
             while state.step < t.max_steps:
                 self._maybe_fault()
