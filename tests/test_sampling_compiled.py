@@ -26,7 +26,7 @@ def model():
     caches are emptied first, so what earlier tests compiled in this process (other configs, autocast, hooks)
     neither counts here nor uses up the recompile limit, past which torch would silently run eager."""
     torch._dynamo.reset()
-    model = random_colorizer(CONFIG, scale=0.2)  # scale 0.3 makes fp32 itself the limit: see docs/sampling.md
+    model = random_colorizer(CONFIG, scale=0.2)  # at 0.3 fp32 itself nears 1e-5: docs/sampling.md
     start = time.perf_counter()
     sample_colorizer(model, torch.randint(0, 256, (2, 6, 9)), return_probs=True, compile=True)
     print(f"compiled the sampler's steps in {time.perf_counter() - start:.1f} s")

@@ -11,6 +11,7 @@ steps as a captured CUDA graph; eager is the reference. Re-scoring a sample with
 from __future__ import annotations
 
 import contextlib
+import copy
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -120,8 +121,8 @@ def sample_colorizer(model, gray: torch.Tensor, *, num_samples: int = 1, mode: s
     aux = model.encoder_logits(z)
     parallel = None if aux is None else symbols_to_colors(aux[..., 0, :].argmax(-1)).to(torch.uint8)
     z = z.repeat_interleave(num_samples, dim=0)
-    s = _initial_state(model, z, uniforms.to(device), mode, temperature, official_row_cln, return_probs)
-    _generate(model, s, compile, height)
+    s = sample_rows(model, z, uniforms.to(device), mode, temperature, official_row_cln, return_probs, compile,
+                    height)
     symbols = s.symbols.view(-1, height, width)
     probs = None if s.probs is None else s.probs.view(-1, height, width, s.probs.shape[-1])
     parallel = None if parallel is None else parallel.repeat_interleave(num_samples, dim=0)
@@ -129,12 +130,35 @@ def sample_colorizer(model, gray: torch.Tensor, *, num_samples: int = 1, mode: s
                             s.log_probs.view(-1, height, width), probs, parallel)
 
 
+def sample_rows(model, z, uniforms, mode, temperature, official_row_cln, return_probs, compile, rows) -> _State:
+    """The first `rows` rows (benchmarks time a prefix) of samples for the encoder output z (N, H, W, D)."""
+    model = _with_step_weights(model, z.device.type)
+    s = _initial_state(model, z, uniforms, mode, temperature, official_row_cln, return_probs)
+    _generate(model, s, compile, rows)
+    return s
+
+
+def _with_step_weights(model, device_type: str):
+    """Under autocast, a copy of the model whose decoders' matmul weights are cast to the autocast dtype once
+    here rather than at every step (autocast would cast them to the same values); the head keeps its float32
+    weights and the encoder, which has run, is shared."""
+    if not torch.is_autocast_enabled(device_type):
+        return model
+    dtype = torch.get_autocast_dtype(device_type)
+    steps = copy.deepcopy(model, {id(model.encoder): model.encoder})
+    for module in [*steps.outer_decoder.modules(), *steps.inner_decoder.modules()]:
+        if isinstance(module, torch.nn.Linear):
+            module.to(dtype)
+    return steps
+
+
 def _initial_state(model, z, uniforms, mode, temperature, official_row_cln, return_probs) -> _State:
     n, height, width, d = z.shape
     dtype = torch.get_autocast_dtype(z.device.type) if torch.is_autocast_enabled(z.device.type) else z.dtype
     pixels = height * width
     s = _State(
-        z=z, uniforms=uniforms.float(), greedy=torch.tensor(mode == "argmax", device=z.device),
+        # a fresh tensor: a view's base (its stride depends on num_samples) would be guarded and recompile
+        z=z.clone(memory_format=torch.contiguous_format), uniforms=uniforms.float(), greedy=torch.tensor(mode == "argmax", device=z.device),
         temperature=torch.tensor(float(temperature), device=z.device),
         symbols=torch.zeros(n, pixels, dtype=torch.long, device=z.device),
         log_probs=torch.zeros(n, pixels, device=z.device),
@@ -157,8 +181,8 @@ def _tensors(tree):
 
 
 def _generate(model, s: _State, compile: bool, rows: int) -> None:
-    """The raster loop over the first `rows` rows (benchmarks time a prefix): the row's pixels, then one row
-    step. Compiled, `count` pixels go per call, and on CUDA rows after the first replay a captured graph."""
+    """The raster loop: the row's pixels, then one row step. Compiled, `count` pixels go per call, and on CUDA
+    the rows after the first replay a captured graph."""
     height, width = s.z.shape[1:3]
     device = s.z.device
     count = math.gcd(width, PIXELS_PER_CALL) if compile else 1
