@@ -59,13 +59,14 @@ class ColTranPipeline:
 
     def __init__(self, colorizer=None, color_upsampler=None, spatial_upsampler=None, *,
                  device: str | torch.device | None = None, model_info: dict | None = None,
-                 upsampler_batch_size: int = 4):
+                 upsampler_batch_size: int = 4, compile_sampler: bool = False):
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         models = {"colorizer": colorizer, "color_upsampler": color_upsampler, "spatial_upsampler": spatial_upsampler}
         for stage, model in models.items():
             setattr(self, stage, None if model is None else model.to(self.device).eval())
         self.model_info = model_info or {}
         self.upsampler_batch_size = upsampler_batch_size
+        self.compile_sampler = compile_sampler  # torch.compile the colorizer's steps (docs/sampling.md)
         sides = {stage: tuple(m.config.resolution) for stage, m in models.items() if m is not None}
         low = {side for stage, side in sides.items() if stage != "spatial_upsampler"}
         if len(low) > 1 or (low and "spatial_upsampler" in sides
@@ -133,8 +134,17 @@ class ColTranPipeline:
         gray = to_tensor(gray_64, self.device)
         with self._autocast():
             out = sample_colorizer(self._model("colorizer"), gray, num_samples=num_samples, mode=mode,
-                                   temperature=temperature, seeds=list(seeds), official_row_cln=official_row_cln)
+                                   temperature=temperature, seeds=list(seeds), official_row_cln=official_row_cln,
+                                   compile=self.compile_sampler)
         return out.colors3.cpu().numpy()
+
+    def warm_up_sampler(self) -> None:
+        """Compile the colorizer's steps now for batch 1 and for every batch above 1 (a long-lived process calls
+        this at start, so no request pays the compile); nothing to do when the sampler is not compiled."""
+        if self.compile_sampler:
+            height, width = self._model("colorizer").config.resolution
+            for batch in (1, 2):
+                self.colorize(np.zeros((batch, height, width), np.uint8), seeds=range(batch), mode="argmax")
 
     # 3.
     @torch.no_grad()

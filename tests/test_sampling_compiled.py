@@ -14,6 +14,7 @@ from test_tf_parity import PROBA_TOL, STAGES, TEST_DATA, _config, _selected
 
 from coltran.checkpoint import load_checkpoint
 from coltran.convert.convert import convert_tf_checkpoint
+from coltran.pipeline import ColTranPipeline
 from coltran.sampling import make_uniforms, naive_sample_colorizer, sample_colorizer
 from coltran.transforms import from_3bit
 
@@ -82,3 +83,17 @@ def test_compiled_official_sampler_parity(tmp_path_factory):
     probs = out.probs.numpy()
     np.testing.assert_allclose(_selected(probs, io), io["sample_proba_sel"], rtol=0, atol=PROBA_TOL)
     np.testing.assert_allclose(probs.max(-1), io["sample_proba_max"], rtol=0, atol=PROBA_TOL)
+
+
+def test_pipeline_warm_up_compiles_before_the_first_request(model):
+    """What a Serve replica with compile_sampler does: warm_up_sampler compiles batch 1 and batch > 1, after
+    which colorize at any batch size compiles nothing and equals the eager pipeline."""
+    compiled = ColTranPipeline(colorizer=model, device="cpu", compile_sampler=True)
+    compiled.warm_up_sampler()
+    before = compiles()
+    eager = ColTranPipeline(colorizer=model, device="cpu")
+    for batch in (1, 3):
+        gray = np.random.default_rng(batch).integers(0, 256, (batch, 6, 9), dtype=np.uint8)
+        seeds = range(10, 10 + batch)
+        np.testing.assert_array_equal(compiled.colorize(gray, seeds), eager.colorize(gray, seeds))
+    assert compiles() == before

@@ -215,6 +215,8 @@ def test_app_args_are_checked_strictly(models_dir):
         build_app({"models": str(models_dir), "limits": {"timeout_s": 0}})
     with pytest.raises(ValueError, match="auth must be a mapping"):
         build_app({"models": str(models_dir), "auth": {"token": "in the config"}})
+    with pytest.raises(ValueError, match="compile_sampler must be true or false"):
+        build_app({"models": str(models_dir), "compile_sampler": "yes"})
     settings = AppSettings.from_args({"models": str(models_dir), "colorizer": {"max_batch_size": 16}})
     assert settings.stage("colorizer").max_batch_size == 16
     assert settings.stage("spatial_upsampler").max_batch_size is None  # by device: 1 on a CPU, 4 on a GPU

@@ -49,6 +49,7 @@ class AppSettings:
     limits: dict = field(default_factory=dict)  # max_bytes, max_pixels, ..., timeout_s (pipelines.serve.http.Limits)
     auth: dict = field(default_factory=dict)  # token_file, token_env, disabled (pipelines.serve.http.Auth)
     colorizer: dict = field(default_factory=dict)  # max_batch_size, batch_wait_timeout_s
+    compile_sampler: bool = False  # torch.compile the colorizer's steps when its replica starts (docs/sampling.md)
     color_upsampler: dict = field(default_factory=dict)
     spatial_upsampler: dict = field(default_factory=dict)
 
@@ -86,6 +87,8 @@ class AppSettings:
         if not isinstance(self.auth, dict) or set(self.auth) - set(valid):
             raise ValueError(f"auth must be a mapping with keys {valid}, got {self.auth!r}")
         Auth(**self.auth)
+        if not isinstance(self.compile_sampler, bool):
+            raise ValueError(f"compile_sampler must be true or false, got {self.compile_sampler!r}")
         for stage in STAGE_NAMES:
             self.stage(stage)
 
@@ -107,7 +110,8 @@ def build_app(args: dict):
     col = settings.stage("colorizer")
     # @serve.batch never fills a batch above the replica's max_ongoing_requests (a config file may override).
     colorizer = Colorizer.options(max_ongoing_requests=max(32, 2 * col.max_batch_size)).bind(
-        max_batch_size=col.max_batch_size, batch_wait_timeout_s=col.batch_wait_timeout_s, **common)
+        max_batch_size=col.max_batch_size, batch_wait_timeout_s=col.batch_wait_timeout_s,
+        compile_sampler=settings.compile_sampler, **common)
     upsamplers = {}
     for stage, name in (("color_upsampler", "ColorUpsampler"), ("spatial_upsampler", "SpatialUpsampler")):
         ups = settings.stage(stage)
@@ -136,6 +140,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-wait-timeout-s", type=float,
                         default=DEFAULT_BATCH["colorizer"]["batch_wait_timeout_s"],
                         help="how long the colorizer waits to fill a batch")
+    parser.add_argument("--compile-sampler", action="store_true", help="torch.compile the colorizer's sampling "
+                        "steps when its replica starts (~30 s per replica on a CPU; then 2-5x faster sampling)")
     parser.add_argument("--upsampler-max-batch-size", type=int, default=None, help="requests each upsampler "
                         "takes together (default: 4 on a GPU, 1 on a CPU)")
     parser.add_argument("--object-store-memory", type=int, default=None, help="bytes of the local Ray's object "
@@ -156,6 +162,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def app_args(args: argparse.Namespace) -> dict:
     upsampler = {"max_batch_size": args.upsampler_max_batch_size}
     return {"models": args.models, "tracking_uri": args.tracking_uri, "device": args.device,
+            "compile_sampler": args.compile_sampler,
             "colorizer": {"max_batch_size": args.max_batch_size, "batch_wait_timeout_s": args.batch_wait_timeout_s},
             "color_upsampler": upsampler, "spatial_upsampler": upsampler,
             "limits": {"max_bytes": args.max_bytes, "max_pixels": args.max_pixels, "timeout_s": args.timeout_s,

@@ -71,9 +71,10 @@ class Colorizer:
     the same for 1 or 16 images on a GPU, and its per-pixel overhead dominates on a CPU)."""
 
     def __init__(self, models: str | dict, max_batch_size: int = 8, batch_wait_timeout_s: float = 0.05,
-                 device: str | None = None, tracking_uri: str | None = None):
+                 device: str | None = None, tracking_uri: str | None = None, compile_sampler: bool = False):
         self.steps = ColTranPipeline.for_stage("colorizer", stage_checkpoint_dir(models, "colorizer", tracking_uri),
-                                                device=device)
+                                                device=device, compile_sampler=compile_sampler)
+        self.steps.warm_up_sampler()  # compiles here, before the replica takes requests
         self.colorize_batch.set_max_batch_size(int(max_batch_size))
         self.colorize_batch.set_batch_wait_timeout_s(float(batch_wait_timeout_s))
         self.max_batch_size = int(max_batch_size)
