@@ -2,16 +2,20 @@
 DEST mirroring the input keys, and DEST/manifest.parquet with one row per input (pipelines.batch.manifest).
 
 Streaming: read -> decode + prepare (CPU tasks) -> colorizer, colour upsampler and spatial upsampler, each on its
-own actor pool that loads its checkpoint once -> restore + encode + write (CPU tasks), nothing materialised. The
+own actor pool that loads its checkpoint once -> restore + encode + write (CPU tasks), nothing materialised. At full
+resolution only the input's 8-bit luma travels with the model tensors, never its original bytes (batch.tasks). The
 pools are sized from the cluster (pipelines.inference.plan: the plan is printed at start, and one that can never be
 placed is refused before DEST is touched).
 
-Resume: each write batch records its items in a manifest part as soon as its files are in place. Re-running the
-same command (same settings: checked against DEST/_batch_state.json) reads the parts first and never reads (loose
-files) or never decodes (archive members, Parquet rows) an input already done; those inputs appear in the new
-manifest as status `skipped`, reason `already_done`, with the outputs, seed and timings of the attempt that made
-them (column `attempt`). `skipped` thus means "done by an earlier attempt into this DEST, not redone now"; inputs
-that failed before are tried again. done + failed + skipped = inputs. One run per DEST at a time.
+Resume: each write batch records its items in a manifest part as soon as its files are in place; the driver
+compacts the parts as the job goes (pipelines.batch.manifest). Re-running the same command (same settings: checked
+against DEST/_batch_state.json) reads the parts first (one dataset call) and never reads an input already done:
+loose files are dropped from the listing, archive members are skipped before their bytes are extracted, Parquet
+rows before they are decoded (the finished keys reach the tasks as an object-store reference: pipelines.batch.
+resume). Those inputs appear in the new manifest as status `skipped`, reason `already_done`, with the outputs, seed
+and timings of the attempt that made them (column `attempt`). `skipped` thus means "done by an earlier attempt into
+this DEST, not redone now"; inputs that failed before are tried again. done + failed + skipped = inputs. One run
+per DEST at a time.
 
 Run: `coltran colorize SRC... --models DIR|models:/@alias --out DEST [--set stage.key=value]`, or
 `ray job submit --working-dir . -- python -m pipelines.batch jobs/colorize.yaml [--set key=value ...]`.
@@ -29,10 +33,19 @@ from pathlib import Path
 import ray
 
 from coltran.configs import STAGE_NAMES
-from pipelines.batch.manifest import begin_attempt, counts, done_identities, finish_attempt, read_parts
+from pipelines.batch.manifest import (
+    begin_attempt,
+    compact_parts,
+    counts,
+    done_identities,
+    finish_attempt,
+    read_parts,
+)
 from pipelines.batch.outputs import source_labels, write_contact_sheet
+from pipelines.batch.resume import DoneKeys
 from pipelines.batch.settings import BatchSettings, load_settings, settings_from_args
 from pipelines.batch.sources import build_inputs
+from pipelines.batch.tasks import JobContext, write_batch
 from pipelines.inference.plan import (
     READ_TASK_CPUS,
     STAGE_ASKS,
@@ -41,7 +54,7 @@ from pipelines.inference.plan import (
     job_device,
     make_plan,
 )
-from pipelines.inference.stages import STAGE_ACTORS, JobContext, write_batch
+from pipelines.inference.stages import STAGE_ACTORS
 from pipelines.io.s3 import resolve_path
 from pipelines.io.shared_path import SharedPathError, require_shared_path, require_shared_tracking_uri
 
@@ -142,7 +155,25 @@ def build_pipeline(settings: BatchSettings, ctx: JobContext, models: dict[str, S
                           num_cpus=settings.write.num_cpus, fn_kwargs={"ctx": ctx})
 
 
-def _consume(ds, every_s: float) -> tuple[int, float]:
+@dataclass
+class Compactor:
+    """Compacts the manifest parts while the job runs, once `every_rows` more inputs have been written, so the
+    parts that start and finish read stay few: about one per `every_rows` inputs, not one per write batch."""
+
+    fs: object
+    dest: str
+    attempt: int
+    every_rows: int = 2048
+    _pending: int = 0
+
+    def written(self, rows: int) -> None:
+        self._pending += rows
+        if self._pending >= self.every_rows:
+            self._pending = 0
+            compact_parts(self.fs, self.dest, self.attempt)
+
+
+def _consume(ds, every_s: float, compactor: Compactor | None = None) -> tuple[int, float]:
     """Run the job; print a progress line with images/s every `every_s` seconds. Returns (done, seconds)."""
     start = last = time.monotonic()
     done = failed = 0
@@ -150,6 +181,8 @@ def _consume(ds, every_s: float) -> tuple[int, float]:
         statuses = list(batch["status"])
         done += statuses.count("done")
         failed += statuses.count("failed")
+        if compactor is not None:
+            compactor.written(len(statuses))
         if every_s and time.monotonic() - last >= every_s:
             last = time.monotonic()
             print(f"colorize: {done} images done ({failed} failed at write), "
@@ -174,13 +207,14 @@ def run_batch(settings: BatchSettings, *, ray_address: str | None = None) -> Bat
     if registry:
         require_shared_tracking_uri(registry)  # every node's actors download the pinned versions from it
     attempt = begin_attempt(fs, dest, settings.fingerprint({s: m.label for s, m in models.items()}))
-    done = done_identities(read_parts(fs, dest)[0])
+    done = DoneKeys.from_identities(done_identities(read_parts(fs, dest)[0]))
     ctx = JobContext(fs=fs, dest=dest, attempt=attempt, seed=settings.seed, num_samples=settings.num_samples,
                      resolution=settings.resolution, crop=settings.crop, format=settings.format,
                      jpeg_quality=settings.jpeg_quality, max_pixels=settings.max_pixels, min_side=settings.min_side,
                      models={s: m.label for s, m in models.items()}, labels=source_labels(settings.sources),
                      done=done)
-    colorized, seconds = _consume(build_pipeline(settings, ctx, models, device, plan), settings.progress_every_s)
+    colorized, seconds = _consume(build_pipeline(settings, ctx, models, device, plan), settings.progress_every_s,
+                                  Compactor(fs, dest, attempt))
     found = counts(finish_attempt(fs, dest, attempt))
     summary = BatchSummary(settings.out, attempt, found, time.monotonic() - started, colorized / max(seconds, 1e-9),
                            settings.max_failed_fraction)

@@ -1,6 +1,8 @@
 """The record of a batch run in DEST: per-batch manifest parts written atomically as items finish
-(DEST/_manifest_parts/*.parquet), the run state (DEST/_batch_state.json: settings fingerprint, attempt counter),
-and the merge of the parts into DEST/manifest.parquet, one row per input (resume rules: docs in pipelines/batch/job.py).
+(DEST/_manifest_parts/*.parquet), compacted by the driver while the job runs (so start and finish read a number of
+files that does not grow with the number of write batches, in one pyarrow dataset call), the run state
+(DEST/_batch_state.json: settings fingerprint, attempt counter), and the merge of the parts into
+DEST/manifest.parquet, one row per input (resume rules: docs in pipelines/batch/job.py).
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from typing import Any
 
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.dataset as pads
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
@@ -22,6 +25,7 @@ PARTS_DIR = "_manifest_parts"
 STATE_FILE = "_batch_state.json"
 MANIFEST_FILE = "manifest.parquet"
 STATE_FORMAT = "coltran-batch-state"
+COMPACTED = ("-compact-", "-merged-")  # name marks of parts that hold many batches (never compacted again)
 STAGES = ("colorizer", "color_upsampler", "spatial_upsampler")
 TIMINGS = ("prepare_s", "colorizer_s", "color_upsampler_s", "spatial_upsampler_s", "write_s")
 MANIFEST_SCHEMA = pa.schema(
@@ -56,12 +60,30 @@ def write_part(fs: pafs.FileSystem, dest: str, rows: list[dict[str, Any]], attem
     return relpath
 
 
-def read_parts(fs: pafs.FileSystem, dest: str) -> tuple[pa.Table, list[str]]:
-    """All manifest parts in DEST (empty table when none) and their paths."""
-    listing = fs.get_file_info(pafs.FileSelector(f"{dest}/{PARTS_DIR}", allow_not_found=True))
-    paths = sorted(i.path for i in listing if i.type == pafs.FileType.File and i.path.endswith(".parquet"))
-    tables = [pq.read_table(io.BytesIO(read_bytes(fs, p)), schema=MANIFEST_SCHEMA) for p in paths]
-    return (pa.concat_tables(tables) if tables else MANIFEST_SCHEMA.empty_table()), paths
+def read_parts(fs: pafs.FileSystem, dest: str, small_only: bool = False) -> tuple[pa.Table, list[str]]:
+    """All manifest parts in DEST (empty table when none) and their paths, read in one pyarrow dataset call (one
+    listing, files read by Arrow's threads); `small_only`: only the per-batch parts not compacted yet."""
+    directory = f"{dest}/{PARTS_DIR}"
+    if fs.get_file_info(directory).type != pafs.FileType.Directory:
+        return MANIFEST_SCHEMA.empty_table(), []
+    listing = fs.get_file_info(pafs.FileSelector(directory))
+    paths = sorted(i.path for i in listing if i.type == pafs.FileType.File and i.path.endswith(".parquet")
+                   and not (small_only and any(mark in i.base_name for mark in COMPACTED)))
+    if not paths:
+        return MANIFEST_SCHEMA.empty_table(), []
+    return pads.dataset(paths, filesystem=fs, format="parquet", schema=MANIFEST_SCHEMA).to_table(), paths
+
+
+def compact_parts(fs: pafs.FileSystem, dest: str, attempt: int, min_parts: int = 2) -> int:
+    """Rewrite the per-batch parts written so far as one part (written before they are deleted: a kill in between
+    leaves duplicates, which the merge drops). Called by the driver while the job runs. Returns the parts merged."""
+    table, paths = read_parts(fs, dest, small_only=True)
+    if len(paths) < min_parts:
+        return 0
+    put_bytes(fs, dest, f"{PARTS_DIR}/a{attempt:05d}-compact-{uuid.uuid4().hex}.parquet", table_bytes(table))
+    for path in paths:
+        fs.delete_file(path)
+    return len(paths)
 
 
 def identity(key: str, read_error: str | None = None) -> str:
@@ -77,8 +99,9 @@ def identities(table: pa.Table) -> pa.ChunkedArray:
                       pc.binary_join_element_wise(keys, reasons, "\x00"), keys)
 
 
-def done_identities(table: pa.Table) -> frozenset[str]:
-    return frozenset(pc.filter(identities(table), pc.equal(table.column("status"), "done")).to_pylist())
+def done_identities(table: pa.Table) -> pa.ChunkedArray:
+    """The identities of the rows with status done (duplicates possible: parts may repeat rows)."""
+    return pc.filter(identities(table), pc.equal(table.column("status"), "done"))
 
 
 def begin_attempt(fs: pafs.FileSystem, dest: str, fingerprint: dict[str, Any]) -> int:
@@ -104,23 +127,34 @@ def begin_attempt(fs: pafs.FileSystem, dest: str, fingerprint: dict[str, Any]) -
     return state["attempts"]
 
 
+def _first_of_runs(ids: pa.Array) -> pa.Array:
+    """True where a sorted array starts a run of equal values."""
+    if len(ids) == 0:
+        return pa.array([], pa.bool_())
+    return pa.concat_arrays([pa.array([True]), pc.not_equal(ids[1:], ids[:-1])])
+
+
 def merge_parts(parts: pa.Table, attempt: int) -> tuple[pa.Table, pa.Table]:
     """(record, manifest) from every part row. Per identity: this attempt's row (done before failed, then the
-    latest) if it saw the input; else the latest earlier 'done' row, reported as 'skipped' (already_done).
-    Earlier failures the attempt did not see again are dropped (they are not inputs of this run any more).
-    `record` keeps the chosen rows as written (the compacted parts); `manifest` is sorted by key."""
+    latest) if it saw the input; else the latest earlier 'done' row, reported as 'skipped' (already_done). An
+    earlier reader failure (stage 'read', e.g. a duplicate archive member) whose key is done is kept as it was:
+    resume skips finished keys before reading, so the attempt could not see it again. Other earlier failures the
+    attempt did not see again are dropped (they are not inputs of this run any more). `record` keeps the chosen
+    rows as written (the compacted parts); `manifest` is sorted by key. Vectorised: no Python loop over rows."""
     if parts.num_rows == 0:
         return parts, parts
     current = pc.equal(parts.column("attempt"), attempt)
     done = pc.equal(parts.column("status"), "done")
     work = parts.append_column("_id", identities(parts)).append_column("_cur", current).append_column("_done", done)
     work = work.sort_by([("_id", "ascending"), ("_cur", "descending"), ("_done", "descending"),
-                         ("finished_at", "descending")])
-    ids = work.column("_id").to_pylist()
-    first = pa.array([i == 0 or ids[i] != ids[i - 1] for i in range(len(ids))])
-    work = work.filter(pc.and_(first, pc.or_(work.column("_cur"), work.column("_done"))))
+                         ("finished_at", "descending")]).combine_chunks()
+    first = _first_of_runs(work.column("_id").chunk(0) if work.num_rows else pa.array([], pa.string()))
+    done_keys = pc.unique(pc.filter(parts.column("key"), done))
+    read_failure = pc.and_(pc.equal(pc.fill_null(work.column("stage"), ""), "read"),
+                           pc.is_in(work.column("key"), value_set=done_keys))
+    work = work.filter(pc.and_(first, pc.or_(pc.or_(work.column("_cur"), work.column("_done")), read_failure)))
     record = work.drop_columns(["_id", "_cur", "_done"])
-    earlier = pc.invert(work.column("_cur"))
+    earlier = pc.and_(pc.invert(work.column("_cur")), work.column("_done"))
     message = pc.binary_join_element_wise("outputs written by attempt ",
                                           pc.cast(record.column("attempt"), pa.string()), " were kept", "")
     manifest = record.set_column(record.schema.get_field_index("status"), "status",
@@ -148,5 +182,5 @@ def finish_attempt(fs: pafs.FileSystem, dest: str, attempt: int) -> pa.Table:
 
 
 def counts(manifest: pa.Table) -> dict[str, int]:
-    statuses = manifest.column("status").to_pylist()
-    return {s: statuses.count(s) for s in ("done", "failed", "skipped")}
+    found = {v["values"]: v["counts"] for v in pc.value_counts(manifest.column("status")).to_pylist()}
+    return {s: found.get(s, 0) for s in ("done", "failed", "skipped")}

@@ -14,9 +14,11 @@ import pyarrow.fs as pafs
 import ray
 
 from pipelines.batch.outputs import image_seed
+from pipelines.batch.resume import DoneKeys
 from pipelines.batch.settings import BatchSettings
+from pipelines.batch.tasks import JobContext, prepare_batch
 from pipelines.dataset.format import read_manifest, read_tensor_column
-from pipelines.inference.stages import JobContext, objects, prepare_batch
+from pipelines.inference.stages import objects
 from pipelines.io.s3 import resolve_path
 from pipelines.io.sources import plan_sources
 
@@ -25,10 +27,12 @@ PARQUET_COLUMNS = ["key", "crop_index", "orig_height", "orig_width", "was_graysc
 
 @dataclass(frozen=True)
 class NotDone:
-    """Key filter for the reader: skip loose files finished by an earlier attempt before they are read."""
+    """Key filter for the reader: loose files finished by an earlier attempt are dropped from the listing on the
+    driver, archive members inside the reading task before their bytes are extracted (tar) or read (zip). It
+    pickles as a prefix and an object reference, whatever the number of finished keys."""
 
     prefix: str
-    done: frozenset[str]
+    done: DoneKeys
 
     def __call__(self, key: str) -> bool:
         return (f"{self.prefix}/{key}" if self.prefix else key) not in self.done
@@ -73,7 +77,7 @@ def parquet_batch(batch: pa.Table, *, ctx: JobContext, source: str, prefix: str)
            "gray_64": read_tensor_column(batch, "gray_64"), "gray_256": read_tensor_column(batch, "gray_256")}
     out["prepare_s"] = np.full(count, (time.perf_counter() - start) / max(1, count))
     if ctx.resolution == "full":
-        out["bytes"] = objects([b""] * count)
+        out["luma"] = objects([None] * count)  # no full-resolution pixels: the write keeps the 256x256 outputs
     return out
 
 
@@ -92,8 +96,9 @@ def build_inputs(settings: BatchSettings, ctx: JobContext) -> tuple[ray.data.Dat
                                             fn_kwargs={"ctx": ctx, "source": src, "prefix": prefix}))
             continue
         plan = plan_sources([src], infer_labels=False, s3_endpoint=settings.s3_endpoint)
-        # Archives are filtered after reading: a duplicate member's error row shares its key with a finished image.
-        key_filter = NotDone(ctx.labels.get(src, ""), ctx.done) if ctx.done and not plan.num_archives else None
+        # Archive members too are filtered before they are read: a duplicate member, whose error row shares its key
+        # with a finished image, is not seen again, and the merge keeps its earlier row (manifest.merge_parts).
+        key_filter = NotDone(ctx.labels.get(src, ""), ctx.done) if ctx.done else None
         parts.append(plan.to_dataset(key_filter).map_batches(
             prepare_batch, batch_format="numpy", batch_size=settings.prepare.batch_size,
             num_cpus=settings.prepare.num_cpus, fn_kwargs={"ctx": ctx}))

@@ -1,0 +1,120 @@
+"""Batch resume of an archive input after a real kill (issue 20): an ImageNet-shaped tar of tars is colorized by a
+job process that is SIGKILLed by its pid once some outputs are recorded; the re-run finishes the rest, redoes
+nothing (output files untouched) and writes one manifest row per input. Between the runs every finished member of
+the archive is replaced by a symbolic link, which the reader would report as a failure if it looked at it: the
+re-run reports them as done by the first attempt, so finished members are skipped before they are read."""
+
+from __future__ import annotations
+
+import io
+import os
+import signal
+import subprocess
+import sys
+import tarfile
+import time
+
+import pyarrow.parquet as pq
+import pytest
+from layouts import SAMPLE, local_ray
+from shared_data import needs_shared_data
+
+from coltran.init_models import init_models
+from pipelines.batch.manifest import read_parts
+from pipelines.cli import main as coltran_main
+
+pytestmark = needs_shared_data(SAMPLE)
+ONE_PER_BATCH = [f"--set={stage}.batch_size=1" for stage in ("prepare", "colorizer", "color_upsampler",
+                                                               "spatial_upsampler", "write")]
+LAYOUT = {"n01/": 2, "n02/": 2, "": 2}  # two inner class tars of two photos each, two photos beside them
+
+
+def _add(tf: tarfile.TarFile, name: str, data: bytes | None, link: bool = False) -> None:
+    info = tarfile.TarInfo(name)
+    if link:
+        info.type, info.linkname = tarfile.SYMTYPE, "/etc/passwd"
+        tf.addfile(info)
+        return
+    info.size = len(data)
+    tf.addfile(info, io.BytesIO(data))
+
+
+def _write_archive(path, photos: dict[str, bytes], links: set[str] = frozenset()) -> None:
+    """An outer tar holding n01.tar, n02.tar and loose photos; members whose key is in `links` become symlinks."""
+    inner: dict[str, list[tuple[str, bytes]]] = {}
+    for key, data in photos.items():
+        folder, _, name = key.rpartition("/")
+        inner.setdefault(folder, []).append((name, data))
+    with tarfile.open(path, "w") as outer:
+        for folder, members in sorted(inner.items()):
+            if not folder:
+                for name, data in members:
+                    _add(outer, name, data, link=name in links)
+                continue
+            buffer = io.BytesIO()
+            with tarfile.open(fileobj=buffer, mode="w") as tf:
+                for name, data in members:
+                    _add(tf, name, data, link=f"{folder}/{name}" in links)
+            _add(outer, f"{folder}.tar", buffer.getvalue())
+
+
+@pytest.fixture(scope="module")
+def ray_local():
+    with local_ray(num_cpus=2):
+        yield
+
+
+@pytest.mark.ray
+def test_killed_archive_job_resumes_without_reading_finished_members(tmp_path, ray_local):
+    import ray
+
+    models = init_models(tmp_path / "models", "test")
+    files = sorted(SAMPLE.glob("*.JPEG"))[:6]
+    photos, i = {}, 0
+    for folder, count in LAYOUT.items():
+        for path in files[i:i + count]:
+            photos[f"{folder}{path.name}"] = path.read_bytes()
+        i += count
+    archive, dest = tmp_path / "shots.tar", tmp_path / "out"
+    _write_archive(archive, photos)
+    args = ["colorize", str(archive), "--models", str(models), "--out", str(dest), "--batch", *ONE_PER_BATCH]
+    env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_USAGE_STATS_ENABLED": "0"}
+    env.pop("RAY_ADDRESS", None)
+    log = tmp_path / "first.log"
+    with open(log, "wb") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "pipelines.cli", *args, "--ray-address",
+                                 ray.get_runtime_context().gcs_address], env=env, stdout=out, stderr=subprocess.STDOUT)
+    from pyarrow import fs as pafs
+
+    local, deadline, done = pafs.LocalFileSystem(), time.monotonic() + 240, []
+    try:
+        while not done:  # the condition: some inputs recorded as done (their files are in place before that)
+            assert proc.poll() is None, f"the job ended before it was killed:\n{log.read_text()[-3000:]}"
+            assert time.monotonic() < deadline, f"no progress in 240 s:\n{log.read_text()[-3000:]}"
+            time.sleep(0.3)
+            done = [r for r in read_parts(local, str(dest))[0].to_pylist() if r["status"] == "done"]
+    finally:
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+    while ray.available_resources().get("CPU", 0) < ray.cluster_resources()["CPU"]:  # its workers are gone
+        assert time.monotonic() < deadline + 60, "the killed job's actors were not released"
+        time.sleep(0.3)
+    first = {r["key"]: r for r in read_parts(local, str(dest))[0].to_pylist() if r["status"] == "done"}
+    assert not (dest / "manifest.parquet").exists() and 0 < len(first) < len(photos), "the kill should land midway"
+    stamps = {k: [(dest / o).stat().st_mtime_ns for o in r["outputs"]] for k, r in first.items()}
+    _write_archive(archive, photos, links=set(first))  # finished members can no longer be read as images
+    print(f"killed after {len(first)} of {len(photos)} done: {sorted(first)}")
+
+    assert coltran_main(args) == 0
+    rows = pq.read_table(dest / "manifest.parquet").to_pylist()
+    assert sorted(r["key"] for r in rows) == sorted(photos), "one row per input, no duplicates"
+    for row in rows:
+        if row["key"] in first:
+            assert (row["status"], row["reason"], row["attempt"]) == ("skipped", "already_done", 1), row
+            assert row["outputs"] == first[row["key"]]["outputs"]
+            assert [(dest / o).stat().st_mtime_ns for o in row["outputs"]] == stamps[row["key"]], "redone"
+        else:
+            assert (row["status"], row["attempt"], row["resolution"]) == ("done", 2, "full"), row
+    images = sorted(p.relative_to(dest).as_posix() for p in dest.rglob("*.png") if p.parts[-2] != "_tmp")
+    assert images == sorted(o for r in rows for o in r["outputs"]) and len(images) == len(photos)
+    assert len(list((dest / "_manifest_parts").iterdir())) == 1  # compacted into one part at the finish
