@@ -31,6 +31,7 @@ from pipelines.dataset.format import (
     write_json,
 )
 from pipelines.dataset.manifest import build_manifest
+from pipelines.io.archives import EXPANSION_RATIO, MAX_MEMBER_BYTES, ArchiveLimits
 from pipelines.io.s3 import resolve_path
 from pipelines.io.shared_path import SharedPathError, require_shared_path
 from pipelines.io.sources import SourcePlan, plan_sources
@@ -57,6 +58,8 @@ class PreprocessSettings:
     batch_size: int = 16  # images per decode task batch
     max_pixels: int = 64_000_000  # larger images are failures (decompression bombs)
     min_side: int = 8  # smaller images are failures
+    max_member_bytes: int = MAX_MEMBER_BYTES  # larger archive members and image files are failures, never read
+    archive_expansion_ratio: float = EXPANSION_RATIO  # an archive may expand to this x its size + one member cap
     s3_endpoint: str | None = None  # e.g. http://127.0.0.1:9000; default: AWS_ENDPOINT_URL or AWS
 
     def __post_init__(self) -> None:
@@ -65,7 +68,10 @@ class PreprocessSettings:
         checks = [(bool(self.sources), "sources", "at least one source"), (bool(self.dest), "dest", "a path"),
                   (0.0 <= self.heldout_fraction <= 1.0, "heldout_fraction", "a number in [0, 1]")]
         checks += [(isinstance(getattr(self, n), int) and getattr(self, n) >= 1, n, "an integer >= 1")
-                   for n in ("train_crops", "min_rows_per_file", "batch_size", "max_pixels", "min_side")]
+                   for n in ("train_crops", "min_rows_per_file", "batch_size", "max_pixels", "min_side",
+                             "max_member_bytes")]
+        checks.append((isinstance(self.archive_expansion_ratio, int | float) and self.archive_expansion_ratio >= 1,
+                       "archive_expansion_ratio", "a number >= 1"))
         for ok, name, expected in checks:
             if not ok:
                 raise ValueError(f"setting {name}={getattr(self, name)!r} is invalid; expected {expected}")
@@ -142,7 +148,8 @@ def run_preprocess(settings: PreprocessSettings) -> dict[str, Any]:
     if not ray.is_initialized():
         ray.init()
     require_shared_path(settings.dest, "preprocessing DEST")  # every node's tasks write Parquet files there
-    plan = plan_sources(settings.sources, labels_file=settings.labels_file, s3_endpoint=settings.s3_endpoint)
+    plan = plan_sources(settings.sources, labels_file=settings.labels_file, s3_endpoint=settings.s3_endpoint,
+                        limits=ArchiveLimits(settings.max_member_bytes, settings.archive_expansion_ratio))
     _prepare_dest(fs, dest)
     log.info("preprocess: %d files and %d archives in %d source(s), %d classes -> %s",
              plan.num_files, plan.num_archives, len(settings.sources), len(plan.labeling.classes), settings.dest)
@@ -174,6 +181,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=int, default=d.batch_size)
     parser.add_argument("--max-pixels", type=int, default=d.max_pixels)
     parser.add_argument("--min-side", type=int, default=d.min_side)
+    parser.add_argument("--max-member-bytes", type=int, default=d.max_member_bytes,
+                        help="larger archive members and image files are failures, never read (default 128 MiB)")
+    parser.add_argument("--archive-expansion-ratio", type=float, default=d.archive_expansion_ratio,
+                        help="an archive may expand to this x its stored size + one member cap (default 20)")
     parser.add_argument("--s3-endpoint", default=None, help="S3-compatible endpoint URL (default AWS_ENDPOINT_URL)")
 
 
