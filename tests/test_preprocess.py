@@ -193,7 +193,7 @@ def test_bad_inputs_every_item_accounted_nothing_outside_dest(tmp_path, ray_sess
         sum(1 for ms in members.values() for m in ms if m.expect != "skip")
 
 
-def test_yaml_job_entry_and_settings_errors(layouts, ray_session, tmp_path):
+def test_yaml_job_entry_and_settings_errors(layouts, ray_session, tmp_path, capsys):
     job = tmp_path / "job.yaml"
     job.write_text(f"sources: [{layouts.flat}]\ndest: {tmp_path / 'out'}\nlabels_file: {layouts.labels_file}\n"
                    "heldout_fraction: 0.5\ntrain_crops: 3\n")
@@ -204,8 +204,15 @@ def test_yaml_job_entry_and_settings_errors(layouts, ray_session, tmp_path):
     heldout = pq.read_table(tmp_path / "out" / "heldout", columns=["key", "label"])
     labels = {r["key"]: r["label"] for r in table.to_pylist() + heldout.to_pylist()}
     assert labels == layouts.flat_labels
-    with pytest.raises(FileExistsError, match="not empty"):
-        main([str(job)])
+    files = {p: p.stat().st_mtime_ns for p in (tmp_path / "out").rglob("*")}
+    assert main([str(job), "--set", "train_crops=1", "--set", "min_rows_per_file=4"]) == 0  # finished: nothing to do
+    assert {p: p.stat().st_mtime_ns for p in (tmp_path / "out").rglob("*")} == files
+    assert main([str(job), "--set", "min_rows_per_file=4"]) == 2  # another job's dataset: refused
+    assert "train_crops: 1 in DEST, 3 now" in capsys.readouterr().err
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "notes.txt").write_text("mine")
+    assert main([str(job), "--set", "dest=" + str(tmp_path / "other")]) == 2
+    assert "holds no preprocessing run" in capsys.readouterr().err
     with pytest.raises(ValueError, match="valid settings are"):
         load_settings(str(job), ["heldout=0.1"])
     with pytest.raises(ValueError, match="train_crops=0"):

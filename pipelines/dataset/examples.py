@@ -1,15 +1,13 @@
 """Raw input rows -> training examples: decode (coltran.imageio), crop and resize (coltran.transforms.
-prepare_example) into the tensor row schema; inputs that cannot be used become failure records instead."""
+prepare_example) into the tensor row schema of the split each key belongs to; inputs that cannot be used become
+failure records instead."""
 
 from __future__ import annotations
 
-import uuid
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.fs as pafs
-import pyarrow.parquet as pq
 
 from coltran.imageio import ImageDecodeError, decode_image
 from coltran.transforms import prepare_example
@@ -17,8 +15,10 @@ from pipelines.dataset.format import (
     FAILURE_SCHEMA,
     ROW_SCHEMA,
     SCALAR_FIELDS,
+    SPLITS,
     TENSOR_SHAPES,
     crop_rng,
+    split_of,
     tensor_array,
 )
 from pipelines.io.sources import split_error
@@ -47,20 +47,21 @@ def _failure(key: str, source: str, reason: str, message: str) -> dict[str, str]
     return {"key": key, "source": source, "reason": reason, "message": message}
 
 
-def examples_batch(batch: pa.Table, *, split: str, train_crops: int, seed: int, max_pixels: int, min_side: int,
-                   failures_fs: pafs.FileSystem, failures_dir: str) -> pa.Table:
-    """Ray Data `map_batches` function over source rows {key, bytes, label, error, source}.
-
-    Returns the usable rows in ROW_SCHEMA; failures (one per unusable input, whatever went wrong) are written
-    to `failures_dir` as a small Parquet file, so one bad item never stops the job."""
-    rows, failures = [], []
-    columns = (batch.column(c).to_pylist() for c in ("key", "bytes", "label", "error", "source"))
-    for key, data, label, error, source in zip(*columns, strict=True):
-        if error is not None:
-            failures.append(_failure(key, source, *split_error(error)))
+def split_examples(sources: list[dict[str, Any]], *, heldout_fraction: float, train_crops: int, seed: int,
+                   max_pixels: int, min_side: int) -> tuple[dict[str, list[dict[str, Any]]], list[dict[str, str]]]:
+    """Source rows {key, bytes, label, error, source} -> ({split: example rows}, failures): each image decoded once
+    and routed to the split its key hashes to (format.split_of); one failure record per unusable input, whatever
+    went wrong, so one bad item never stops the job."""
+    rows: dict[str, list[dict[str, Any]]] = {split: [] for split in SPLITS}
+    failures = []
+    for src in sources:
+        key, source = src["key"], src["source"]
+        if src["error"] is not None:
+            failures.append(_failure(key, source, *split_error(src["error"])))
             continue
+        split = split_of(key, heldout_fraction)
         try:
-            examples = image_examples(key, data, split=split, train_crops=train_crops, seed=seed,
+            examples = image_examples(key, src["bytes"], split=split, train_crops=train_crops, seed=seed,
                                       max_pixels=max_pixels, min_side=min_side)
         except ImageDecodeError as exc:
             failures.append(_failure(key, source, exc.reason, str(exc)))
@@ -68,11 +69,13 @@ def examples_batch(batch: pa.Table, *, split: str, train_crops: int, seed: int, 
         except Exception as exc:  # noqa: BLE001 - any other error is this input's failure, not the job's
             failures.append(_failure(key, source, "transform_error", f"{type(exc).__name__}: {exc}"))
             continue
-        rows.extend({"key": key, "label": label, "split": split, "source": source, **ex} for ex in examples)
-    if failures:
-        table = pa.Table.from_pylist(failures, schema=FAILURE_SCHEMA)
-        pq.write_table(table, f"{failures_dir}/{uuid.uuid4().hex}.parquet", filesystem=failures_fs)
-    return rows_to_table(rows)
+        rows[split].extend({"key": key, "label": src["label"], "split": split, "source": source, **ex}
+                           for ex in examples)
+    return rows, failures
+
+
+def failures_table(failures: list[dict[str, str]]) -> pa.Table:
+    return pa.Table.from_pylist(failures, schema=FAILURE_SCHEMA)
 
 
 def rows_to_table(rows: list[dict[str, Any]]) -> pa.Table:

@@ -9,39 +9,37 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import functools
+import json
 import logging
 import sys
 import time
 from dataclasses import dataclass, field
 from typing import Any
 
-import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import ray
 
-from pipelines.dataset.examples import examples_batch
-from pipelines.dataset.format import (
-    FAILURE_SCHEMA,
-    ROW_SCHEMA,
-    SPLITS,
-    key_in_split,
-    read_tensor_column,
-    write_json,
-)
+from pipelines.dataset.format import ROW_SCHEMA, SPLITS, read_manifest, read_tensor_column, write_json
 from pipelines.dataset.manifest import build_manifest
 from pipelines.io.archives import EXPANSION_RATIO, MAX_MEMBER_BYTES, ArchiveLimits
 from pipelines.io.s3 import resolve_path
 from pipelines.io.shared_path import SharedPathError, require_shared_path
 from pipelines.io.sources import SourcePlan, plan_sources
 from pipelines.job_config import parse_overrides, read_job_file
+from pipelines.preprocess.items import process_items
+from pipelines.preprocess.progress import (
+    DestMismatch,
+    done_items,
+    merge_failures,
+    open_dest,
+    remove_progress,
+    work_items_digest,
+)
 
 __all__ = ["PreprocessSettings", "add_arguments", "main", "read_tensor_column", "run", "run_preprocess"]
 log = logging.getLogger(__name__)
-FAILURES_STAGING = "_failures"
-TASK_CPUS = 1  # the decode's and the write's CPU share: equal to each other and to the file read's (Ray Data's default),
-# so Ray fuses read, decode and write into one task per Parquet file
+TASK_CPUS = 1  # one work item (read, decode, write) per task and CPU
 
 
 @dataclass
@@ -54,8 +52,8 @@ class PreprocessSettings:
     heldout_fraction: float = 0.01  # share of keys (by stable hash) in the held-out split
     train_crops: int = 1  # random-position crops stored per training image
     seed: int = 0  # places the training crops; the split does not depend on it
-    min_rows_per_file: int = 1000  # rows per Parquet file, also the images one task decodes and writes
-    batch_size: int = 16  # images per decode task batch
+    min_rows_per_file: int = 1000  # rows per Parquet file at most; files or tar members per work item = this / crops
+    batch_size: int = 16  # images decoded between two Parquet row-group writes
     max_pixels: int = 64_000_000  # larger images are failures (decompression bombs)
     min_side: int = 8  # smaller images are failures
     max_member_bytes: int = MAX_MEMBER_BYTES  # larger archive members and image files are failures, never read
@@ -85,84 +83,79 @@ class PreprocessSettings:
         return cls(**data)
 
 
-def _prepare_dest(fs: pafs.FileSystem, dest: str) -> None:
-    info = fs.get_file_info(dest)
-    if info.type == pafs.FileType.File:
-        raise FileExistsError(f"destination {dest!r} is a file; expected a new or empty directory")
-    if info.type == pafs.FileType.Directory and fs.get_file_info(pafs.FileSelector(dest)):
-        raise FileExistsError(f"destination {dest!r} is not empty; expected a new or empty directory")
-    if not _is_object_store(fs):
-        fs.create_dir(f"{dest}/{FAILURES_STAGING}", recursive=True)
-
-
 def _is_object_store(fs: pafs.FileSystem) -> bool:
     """Object stores need no directories, and creating them would leave marker objects above DEST."""
     return fs.type_name in ("s3", "gcs")
 
 
-def _collect_failures(fs: pafs.FileSystem, dest: str) -> pa.Table:
-    """Merge the per-batch failure files into DEST/failures.parquet (deduplicated against task retries)."""
-    staging = f"{dest}/{FAILURES_STAGING}"
-    listing = fs.get_file_info(pafs.FileSelector(staging, allow_not_found=True))
-    files = [i.path for i in listing if i.path.endswith(".parquet")]
-    tables = [pq.read_table(p, filesystem=fs, schema=FAILURE_SCHEMA) for p in files]
-    table = pa.concat_tables(tables) if tables else FAILURE_SCHEMA.empty_table()
-    if table.num_rows:
-        table = table.group_by(FAILURE_SCHEMA.names, use_threads=False).aggregate([]).sort_by("key")
-    pq.write_table(table.select(FAILURE_SCHEMA.names), f"{dest}/failures.parquet", filesystem=fs)
-    if fs.get_file_info(staging).type == pafs.FileType.Directory:
-        fs.delete_dir(staging)
-    return table
-
-
-def _write_split(plan: SourcePlan, split: str, settings: PreprocessSettings, fs: pafs.FileSystem, dest: str) -> None:
-    key_filter = functools.partial(key_in_split, split=split, heldout_fraction=settings.heldout_fraction)
-    crops = settings.train_crops if split == "train" else 1
-    files_per_block = max(1, settings.min_rows_per_file // crops)  # one block of inputs -> one Parquet file
-    ds = plan.to_dataset(key_filter, rows_per_block=files_per_block).map_batches(
-        examples_batch, batch_size=settings.batch_size, batch_format="pyarrow", num_cpus=TASK_CPUS,
-        fn_kwargs={"split": split, "train_crops": settings.train_crops, "seed": settings.seed,
-                   "max_pixels": settings.max_pixels, "min_side": settings.min_side, "failures_fs": fs,
-                   "failures_dir": f"{dest}/{FAILURES_STAGING}"})
-    # The read of loose files, the decode and the write ask for the same CPU share (TASK_CPUS), so Ray fuses
-    # them: each task reads one block of files, decodes it and writes it as one Parquet file, with no trip of
-    # bytes or tensors through the object store. Ray Data's per-operator reservation would hold back CPUs for
-    # operators that are cheap here. Measured on 500 ImageNet JPEGs, 2 CPUs (benchmarks/preprocess.py): 10.3 s
-    # unfused with reservation, 5.6 s unfused without, 4.2 s with decode and write fused; reading inside the
-    # fused task instead of in Ray's read_binary_files tasks took a further 15-20 % off (A/B in one run).
+def _write_items(plan: SourcePlan, items: list[dict[str, Any]], done: set[str], settings: PreprocessSettings,
+                 fs: pafs.FileSystem, dest: str) -> None:
+    """Run the work items not finished yet, one fused read -> decode -> write task each (TASK_CPUS): neither bytes
+    nor tensors pass through the object store, only one summary row per item comes back."""
+    todo = [item for item in items if item["id"] not in done]
+    log.info("preprocess: %d work items, %d finished by an earlier run, %d to do", len(items), len(done), len(todo))
+    if not todo:
+        return
+    ds = ray.data.from_items([{"item": json.dumps(item)} for item in todo], override_num_blocks=len(todo))
+    ds = ds.map_batches(process_items, batch_size=1, batch_format="pyarrow", num_cpus=TASK_CPUS,
+                        fn_kwargs={"plan": plan.for_tasks(), "settings": dataclasses.asdict(settings), "fs": fs,
+                                   "dest": dest})
+    # Ray Data's per-operator reservation would hold back CPUs for operators that are cheap here (measured on
+    # 500 ImageNet JPEGs, 2 CPUs, benchmarks/preprocess.py: 10.3 s with it, 5.6 s without, 4.2 s fused).
     ds.context.op_resource_reservation_enabled = False
-    ds.write_parquet(f"{dest}/{split}", filesystem=fs, min_rows_per_file=settings.min_rows_per_file,
-                     try_create_dir=not _is_object_store(fs), ray_remote_args={"num_cpus": TASK_CPUS})
-    if not fs.get_file_info(pafs.FileSelector(f"{dest}/{split}", allow_not_found=True)):
-        # nothing usable in this split: an empty shard keeps `read_parquet(DEST/split)` and the schema working
-        if not _is_object_store(fs):
-            fs.create_dir(f"{dest}/{split}", recursive=True)
-        pq.write_table(ROW_SCHEMA.empty_table(), f"{dest}/{split}/empty.parquet", filesystem=fs)
+    every = max(1, len(todo) // 20)
+    for n, _ in enumerate(ds.iter_rows(), 1):
+        if n % every == 0 or n == len(todo):
+            log.info("preprocess: %d/%d work items written", n + len(done), len(items))
 
 
-def run_preprocess(settings: PreprocessSettings) -> dict[str, Any]:
+def _finish_splits(settings: PreprocessSettings, fs: pafs.FileSystem, dest: str) -> None:
+    """An empty shard for a split that got no rows keeps `read_parquet(DEST/split)` and the schema working; a split
+    the fraction rules out (0 or 1) gets no folder."""
+    for split in _splits(settings):
+        if not fs.get_file_info(pafs.FileSelector(f"{dest}/{split}", allow_not_found=True)):
+            if not _is_object_store(fs):
+                fs.create_dir(f"{dest}/{split}", recursive=True)
+            pq.write_table(ROW_SCHEMA.empty_table(), f"{dest}/{split}/empty.parquet", filesystem=fs)
+
+
+def _splits(settings: PreprocessSettings) -> list[str]:
+    return [s for s in SPLITS if not (s == "heldout" and settings.heldout_fraction == 0)
+            and not (s == "train" and settings.heldout_fraction == 1)]
+
+
+def run_preprocess(settings: PreprocessSettings, *, source_filesystem: pafs.FileSystem | None = None) -> dict[str, Any]:
     """Run the whole job on the current Ray cluster (starting a local one if none is connected); return the
-    manifest that was written to DEST/manifest.json."""
+    manifest written to DEST/manifest.json. On a DEST an earlier run of the same job left unfinished it writes
+    only the missing work items; on one it finished it writes nothing. `source_filesystem` reads the sources
+    through a given pyarrow filesystem (tests count bytes with one)."""
     started = time.time()
     fs, dest = resolve_path(settings.dest, s3_endpoint=settings.s3_endpoint)
     if not ray.is_initialized():
         ray.init()
     require_shared_path(settings.dest, "preprocessing DEST")  # every node's tasks write Parquet files there
-    plan = plan_sources(settings.sources, labels_file=settings.labels_file, s3_endpoint=settings.s3_endpoint,
+    plan = plan_sources(settings.sources, filesystem=source_filesystem, labels_file=settings.labels_file,
+                        s3_endpoint=settings.s3_endpoint,
                         limits=ArchiveLimits(settings.max_member_bytes, settings.archive_expansion_ratio))
-    _prepare_dest(fs, dest)
-    log.info("preprocess: %d files and %d archives in %d source(s), %d classes -> %s",
-             plan.num_files, plan.num_archives, len(settings.sources), len(plan.labeling.classes), settings.dest)
-    for split in SPLITS:
-        if (split == "heldout" and settings.heldout_fraction == 0) or \
-                (split == "train" and settings.heldout_fraction == 1):
-            continue
-        log.info("preprocess: writing split %r", split)
-        _write_split(plan, split, settings, fs, dest)
-    failures = _collect_failures(fs, dest)
+    items = plan.work_items(rows_per_block=max(1, settings.min_rows_per_file // settings.train_crops))
+    state = open_dest(fs, dest, dataclasses.asdict(settings), [i["id"] for i in items], _is_object_store(fs))
+    if state == "complete":
+        remove_progress(fs, dest)  # a run stopped between its manifest and this clean-up
+        log.info("preprocess: %s already holds this job's finished dataset; nothing to do", settings.dest)
+        return read_manifest(fs, dest)
+    if state == "new" and not _is_object_store(fs):
+        for split in _splits(settings):
+            fs.create_dir(f"{dest}/{split}", recursive=True)
+    log.info("preprocess: %d files and %d archives in %d source(s), %d classes -> %s (%s)", plan.num_files,
+             plan.num_archives, len(settings.sources), len(plan.labeling.classes), settings.dest, state)
+    _write_items(plan, items, done_items(fs, dest), settings, fs, dest)
+    _finish_splits(settings, fs, dest)
+    failures = merge_failures(fs, dest)
     manifest = build_manifest(fs, dest, settings=dataclasses.asdict(settings), classes=plan.labeling.classes,
                               failures=failures, seconds=time.time() - started)
+    manifest["work_items"] = work_items_digest([i["id"] for i in items])
     write_json(fs, f"{dest}/manifest.json", manifest)
+    remove_progress(fs, dest)
     log.info("preprocess: done in %.1f s: %s, %d failures", manifest["seconds"],
              {s: v["images"] for s, v in manifest["splits"].items()}, manifest["failures"]["count"])
     return manifest
@@ -199,10 +192,11 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _run_reporting_refusals(settings: PreprocessSettings) -> int:
-    """Run the job; 2 with the message when DEST is a local path that not every node sees."""
+    """Run the job; 2 with the message when DEST is a local path that not every node sees, or holds something
+    other than this job's output (another job's dataset or unfinished run, unrelated files)."""
     try:
         run_preprocess(settings)
-    except SharedPathError as err:
+    except (SharedPathError, DestMismatch) as err:
         print(f"error: {err}", file=sys.stderr, flush=True)
         return 2
     return 0
