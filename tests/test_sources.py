@@ -35,6 +35,7 @@ def s3(layouts):
         with tarfile.open(layouts.tar_of_tars) as outer:
             outer.extractall(per_class, filter="data")
         server.upload(per_class, "imagenet/train_tars")
+        server.client().upload_file(str(layouts.tar_of_tars), server.bucket, "imagenet/ILSVRC2012_img_train.tar")
         yield server
 
 
@@ -52,10 +53,13 @@ def _rows(ds) -> dict[str, dict]:
 
 
 @pytest.mark.ray
-@pytest.mark.parametrize("layout", ["tree", "tar_of_tars", "tar_gz", "zip", "s3_tree", "s3_tars"])
+@pytest.mark.parametrize("layout", ["tree", "tar_of_tars", "tar_gz", "zip", "s3_tree", "s3_tars", "s3_tar_of_tars"])
 def test_every_layout_gives_the_same_rows(layouts, s3, ray_session, layout):
-    src = {"s3_tree": f"s3://{s3.bucket}/imagenet/train", "s3_tars": f"s3://{s3.bucket}/imagenet/train_tars/"}.get(
-        layout) or str(getattr(layouts, layout))
+    """The same rows from every layout; the tar of tars on S3 is indexed by range reads of its headers and each
+    inner tar read by range from its offset (one work item each)."""
+    src = {"s3_tree": f"s3://{s3.bucket}/imagenet/train", "s3_tars": f"s3://{s3.bucket}/imagenet/train_tars/",
+           "s3_tar_of_tars": f"s3://{s3.bucket}/imagenet/ILSVRC2012_img_train.tar"}.get(layout) or \
+        str(getattr(layouts, layout))
     rows = _rows(read_sources([src]))
     assert sorted(rows) == sorted(layouts.expected)
     for key, (data, label) in layouts.expected.items():
@@ -142,6 +146,11 @@ def test_plan_lists_once_and_finds_classes(layouts):
     plan = plan_sources([str(layouts.tree), str(layouts.tar_of_tars)])
     assert plan.num_files == len(layouts.expected) and plan.num_archives == 1
     assert plan.labeling.classes == tuple(layouts.wnids)
+    items = plan.work_items(rows_per_block=16)  # 40 files in blocks of 16, one item per inner class tar
+    assert [i["kind"] for i in items] == ["files"] * 3 + ["inner"] * len(layouts.wnids)
+    assert [i["id"] for i in items] == [i["id"] for i in plan_sources([str(layouts.tree), str(layouts.tar_of_tars)])
+                                       .work_items(rows_per_block=16)]  # stable: resumes and retries rely on it
+    assert len({i["id"] for i in items}) == len(items)
     assert isinstance(plan.filesystems[0], pafs.LocalFileSystem) and len(plan.filesystems) == 1
 
 

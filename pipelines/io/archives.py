@@ -307,7 +307,9 @@ def index_tar(fs: pafs.FileSystem, path: str, limits: ArchiveLimits = ArchiveLim
     entries, seen = [], set()
     size = fs.get_file_info(path).size
     with fs.open_input_file(path) as f:
-        window = Window(f, 0, size, read_ahead=tarfile.BLOCKSIZE)
+        # 513 bytes: the byte before a header, which tarfile reads to check the previous member is whole, and the
+        # header itself, in one read (one range request on S3); the data between headers is never fetched
+        window = Window(f, 0, size, read_ahead=tarfile.BLOCKSIZE + 1)
         if any(window.read(6).startswith(magic) for magic, _ in _MAGIC):
             return None
         window.seek(0)
