@@ -3,7 +3,7 @@ DEST mirroring the input keys, and DEST/manifest.parquet with one row per input 
 
 Streaming: read -> decode + prepare (CPU tasks) -> colorizer, colour upsampler and spatial upsampler, each on its
 own actor pool that loads its checkpoint once -> restore + encode + write (CPU tasks), nothing materialised. At full
-resolution only the input's 8-bit luma travels with the model tensors, never its original bytes (batch.tasks). The
+resolution the model tensors travel with the input's luma or its file, whichever is smaller (batch.tasks). The
 pools are sized from the cluster (pipelines.inference.plan: the plan is printed at start, and one that can never be
 placed is refused before DEST is touched).
 

@@ -77,7 +77,8 @@ def parquet_batch(batch: pa.Table, *, ctx: JobContext, source: str, prefix: str)
            "gray_64": read_tensor_column(batch, "gray_64"), "gray_256": read_tensor_column(batch, "gray_256")}
     out["prepare_s"] = np.full(count, (time.perf_counter() - start) / max(1, count))
     if ctx.resolution == "full":
-        out["luma"] = objects([None] * count)  # no full-resolution pixels: the write keeps the 256x256 outputs
+        out["full_res"] = objects([None] * count)  # no full-resolution pixels: the write keeps the 256x256 outputs
+        out["full_res_kind"] = objects([None] * count)
     return out
 
 

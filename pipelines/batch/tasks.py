@@ -2,10 +2,12 @@
 between them are the actor pools of pipelines.inference.stages). Items that fail are recorded in manifest parts,
 never raised.
 
-Full resolution without the original bytes: prepare keeps only what the write needs of the input, its 8-bit luma
-at its own size (H x W bytes, column `luma`), and the write puts the predicted chroma under it. The original file
-(often larger than its luma: PNG, TIFF or BMP scans; never decoded twice) goes no further than prepare. Quantising
-the luma to 8 bits costs at most half a grey level beside the rounding of the output's RGB (docs/batch.md)."""
+Full resolution at the least cost in the object store: the write needs only the input's luma at its own size, so
+prepare passes on whichever is smaller (column `full_res`, kind in `full_res_kind`): the input's 8-bit luma plane
+(H x W bytes: PNG, TIFF and BMP scans, whose files are larger) or its encoded file when that is smaller (JPEG,
+WebP), decoded again by the write. Either way a hand-over carries at most H x W bytes of it, never more than the
+decoded luma. Quantising the luma to 8 bits costs at most half a grey level beside the rounding of the output's
+RGB (docs/batch.md)."""
 
 from __future__ import annotations
 
@@ -65,6 +67,12 @@ def luma_bytes(rgb: np.ndarray) -> bytes:
     return np.clip(np.rint(luma(rgb)), 0, 255).astype(np.uint8).tobytes()
 
 
+def full_res_payload(data: bytes, luma_source: np.ndarray) -> tuple[bytes, str]:
+    """(payload, kind) the write restores from: the encoded file if it is smaller than the luma plane, else that."""
+    height, width = luma_source.shape[:2]
+    return (data, "file") if len(data) < height * width else (luma_bytes(luma_source), "luma")
+
+
 def _columns(rows: list[dict[str, Any]], with_luma: bool) -> dict[str, np.ndarray]:
     """Prepared rows -> a numpy batch (fixed column set, also when empty)."""
     out = {name: objects([r[name] for r in rows]) for name in ("key", "source", "resolution")}
@@ -76,7 +84,8 @@ def _columns(rows: list[dict[str, Any]], with_luma: bool) -> dict[str, np.ndarra
     for name, shape in GRAY_SHAPES.items():
         out[name] = np.stack([r[name] for r in rows]) if rows else np.zeros((0, *shape), np.uint8)
     if with_luma:
-        out["luma"] = objects([r["luma"] for r in rows])
+        out["full_res"] = objects([r["full_res"][0] for r in rows])
+        out["full_res_kind"] = objects([r["full_res"][1] for r in rows])
     return out
 
 
@@ -106,18 +115,22 @@ def prepare_batch(batch: dict[str, np.ndarray], *, ctx: JobContext) -> dict[str,
         rows.append({"key": key, "source": source, "resolution": ctx.resolution, "seed": image_seed(ctx.seed, raw_key),
                      "height": height, "width": width, "was_grayscale": decoded.was_grayscale,
                      "gray_64": prepared.gray_64, "gray_256": prepared.gray_256,
-                     "luma": luma_bytes(prepared.luma_source) if full else None,
+                     "full_res": full_res_payload(data, prepared.luma_source) if full else None,
                      "prepare_s": time.perf_counter() - start})
     if failures:
         write_part(ctx.fs, ctx.dest, failures, ctx.attempt)
     return _columns(rows, with_luma=full)
 
 
-def finished_images(row: dict[str, Any], rgb_256: np.ndarray) -> list[np.ndarray]:
+def finished_images(ctx: JobContext, row: dict[str, Any], rgb_256: np.ndarray) -> list[np.ndarray]:
     """Step 5 (restore) at full resolution from the input's luma, else the 256x256 colourings as they are."""
-    if row["resolution"] != "full" or not row.get("luma"):
+    if row["resolution"] != "full" or not row.get("full_res"):
         return list(rgb_256)
-    y = np.frombuffer(row["luma"], np.uint8).reshape(int(row["height"]), int(row["width"]))  # (H, W)
+    if row["full_res_kind"] == "file":  # decoded again, as prepare did (the same decoder gives the same pixels)
+        decoded = decode_image(row["full_res"], max_pixels=ctx.max_pixels, min_side=ctx.min_side)
+        y = prepare_image(decoded.rgb, ctx.crop).luma_source  # (H, W, 3): its luma is taken unrounded
+    else:
+        y = np.frombuffer(row["full_res"], np.uint8).reshape(int(row["height"]), int(row["width"]))  # (H, W)
     return [transfer_chroma(y, rgb) for rgb in rgb_256]
 
 
@@ -132,7 +145,7 @@ def write_batch(batch: dict[str, np.ndarray], *, ctx: JobContext) -> dict[str, n
                 **{name: float(row[name]) for name in ("prepare_s", "colorizer_s", "color_upsampler_s",
                                                       "spatial_upsampler_s")}}
         try:
-            images, outputs = finished_images(row, batch["rgb_256"][i]), []
+            images, outputs = finished_images(ctx, row, batch["rgb_256"][i]), []
             for s, image in enumerate(images):
                 outputs.append(output_relpath(row["key"], s, ctx.format))
                 put_bytes(ctx.fs, ctx.dest, outputs[-1], encode_image(image, ctx.format, ctx.jpeg_quality))
