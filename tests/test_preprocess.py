@@ -144,7 +144,7 @@ def test_s3_source_to_s3_dest_through_the_cli(layouts, s3, tree_run):
     assert ds.count() == manifest["splits"]["train"]["rows"] == 2 * manifest["splits"]["train"]["images"]
     listing = s3.client().list_objects_v2(Bucket=s3.bucket, Prefix="datasets/")["Contents"]
     assert all(o["Key"].startswith("datasets/imagenet/") for o in listing), [o["Key"] for o in listing]
-    assert not any("_failures" in o["Key"] for o in listing)
+    assert not any("_failures" in o["Key"] or "_progress" in o["Key"] for o in listing)
 
 
 def _snapshot(root: Path, skip: Path) -> dict[str, int]:

@@ -20,11 +20,12 @@ from typing import Any, BinaryIO
 
 import pyarrow.fs as pafs
 
+from pipelines.io.streams import Expansion, LimitExceeded, Prepend, Sub, Window, read_bounded
+
 TAR_SUFFIXES = (".tar", ".tar.gz", ".tgz", ".tar.bz2", ".tbz2", ".tar.xz", ".txz")
 ARCHIVE_SUFFIXES = (*TAR_SUFFIXES, ".zip")
 MAX_MEMBER_BYTES = 128 << 20  # default image member cap: a 64 Mpx JPEG is ~30 MB, a 4k x 5k 16-bit PNG ~120 MB
 EXPANSION_RATIO = 20.0  # default budget: tars of JPEGs/PNGs expand ~1x; zeros gzip ~1000x
-READ_AHEAD = 1 << 20  # bytes fetched per read from the archive file (one S3 range request)
 _DRIVE = re.compile(r"^[A-Za-z]:")
 _MAGIC = ((b"\x1f\x8b", lambda f: gzip.GzipFile(fileobj=f, mode="rb")), (b"BZh", bz2.BZ2File), (b"\xfd7zXZ\x00", lzma.LZMAFile))
 _READ_ERRORS = (OSError, EOFError, tarfile.TarError, zipfile.BadZipFile, ValueError, lzma.LZMAError)
@@ -47,10 +48,6 @@ class ArchiveLimits:
 
     def budget(self, stored_bytes: int) -> int:
         return int(self.expansion_ratio * stored_bytes) + self.member_bytes
-
-
-class LimitExceeded(Exception):
-    """An archive asked for more than its limits allow; str() is "reason: message"."""
 
 
 @dataclass(frozen=True)
@@ -98,111 +95,10 @@ def name_problem(name: str, seen: set[str]) -> str | None:
     return None
 
 
-class Window(io.RawIOBase):
-    """Bytes [start, start + size) of a seekable file (a pyarrow file, local or S3), read ahead in READ_AHEAD
-    pieces that never cross the window's end: an inner tar of a tar of tars is read by offset, and the bytes
-    fetched are the window's bytes and no more."""
-
-    def __init__(self, file: Any, start: int, size: int, read_ahead: int = READ_AHEAD) -> None:
-        self.file, self.start, self.size, self.pos, self.read_ahead = file, start, size, 0, read_ahead
-        self.buf, self.buf_at = b"", 0
-
-    def readable(self) -> bool:
-        return True
-
-    def seekable(self) -> bool:
-        return True
-
-    def tell(self) -> int:
-        return self.pos
-
-    def seek(self, offset: int, whence: int = 0) -> int:
-        self.pos = max(0, min(self.size, (0, self.pos, self.size)[whence] + offset))
-        return self.pos
-
-    def read(self, n: int = -1) -> bytes:
-        n = self.size - self.pos if n is None or n < 0 else min(n, self.size - self.pos)
-        if n <= 0:
-            return b""
-        at = self.pos - self.buf_at
-        if not 0 <= at < len(self.buf) or at + n > len(self.buf):
-            fetch = max(n, min(self.read_ahead, self.size - self.pos))
-            self.file.seek(self.start + self.pos)
-            self.buf, self.buf_at, at = self.file.read(fetch), self.pos, 0
-        data = self.buf[at:at + n]
-        self.pos += len(data)
-        return data
-
-    def readinto(self, b: Any) -> int:
-        data = self.read(len(b))
-        b[:len(data)] = data
-        return len(data)
-
-
-class Expansion(io.RawIOBase):
-    """The decompressed bytes of an archive as tarfile reads them, within its limits: one read may not ask for
-    more than a member cap (tarfile reads a long-name or pax header whole), the position may not pass the budget,
-    forward seeks read and discard (or seek, when nothing is decompressed), and the last bytes are kept for the
-    one-byte step back tarfile takes between members."""
-
-    def __init__(self, raw: BinaryIO, *, budget: int, max_read: int, seekable: bool) -> None:
-        self.raw, self.budget, self.max_read, self.can_seek = raw, budget, max_read, seekable
-        self.pos = self.raw_pos = 0
-        self.tail = b""
-
-    def readable(self) -> bool:
-        return True
-
-    def seekable(self) -> bool:
-        return True
-
-    def tell(self) -> int:
-        return self.pos
-
-    def read(self, n: int = -1) -> bytes:
-        if n is None or n < 0 or n > self.max_read:
-            raise LimitExceeded(f"header_too_large: a read of {n} bytes at offset {self.pos}, more than the "
-                                f"member cap of {self.max_read - 1:,}")
-        if self.pos + n > self.budget:
-            n = max(0, self.budget - self.pos) + 1  # reading one byte past the budget proves it is exceeded
-        out = b""
-        if self.pos < self.raw_pos:  # after a step back: serve from the tail
-            out = self.tail[len(self.tail) - (self.raw_pos - self.pos):][:n]
-            self.pos += len(out)
-        while len(out) < n:  # tarfile takes a short read for the end of the archive
-            data = self.raw.read(n - len(out))
-            if not data:
-                break
-            self.raw_pos += len(data)
-            self.pos = self.raw_pos
-            self.tail = data[-512:] if len(data) >= 512 else (self.tail + data)[-512:]
-            out += data
-        if self.pos > self.budget:
-            raise LimitExceeded(f"expansion_budget: the archive expands past its budget of {self.budget:,} bytes; "
-                                "the rest of it is not read")
-        return out
-
-    def seek(self, offset: int, whence: int = 0) -> int:
-        target = (0, self.pos)[whence] + offset if whence in (0, 1) else None
-        if target is None or target < self.raw_pos - len(self.tail):
-            raise io.UnsupportedOperation(f"seek to {offset} (whence {whence}) from {self.pos}: forward only")
-        if target <= self.raw_pos:
-            self.pos = target
-        elif self.can_seek and target <= self.budget:
-            self.raw.seek(target)
-            self.pos = self.raw_pos = target
-            self.tail = b""
-        else:
-            while self.pos < target:
-                if not self.read(min(target - self.pos, READ_AHEAD, self.max_read)):
-                    break
-        return self.pos
-
-
 def open_tar_stream(raw: BinaryIO, stored_bytes: int, limits: ArchiveLimits) -> Expansion:
     """`raw` (a seekable window or a forward-only stream, at its start) decompressed as its first bytes say."""
     head = raw.read(6)
-    rest = _Prepend(head, raw)
+    rest = Prepend(head, raw)
     for magic, opener in _MAGIC:
         if head.startswith(magic):
             return Expansion(opener(rest), budget=limits.budget(stored_bytes), max_read=limits.member_bytes + 1,
@@ -212,28 +108,6 @@ def open_tar_stream(raw: BinaryIO, stored_bytes: int, limits: ArchiveLimits) -> 
         rest = raw
     return Expansion(rest, budget=limits.budget(stored_bytes), max_read=limits.member_bytes + 1,
                      seekable=raw.seekable())
-
-
-class _Prepend(io.RawIOBase):
-    """`head` followed by the rest of `raw`: the magic bytes read back in front of a forward-only stream."""
-
-    def __init__(self, head: bytes, raw: BinaryIO) -> None:
-        self.head, self.raw = head, raw
-
-    def readable(self) -> bool:
-        return True
-
-    def read(self, n: int = -1) -> bytes:
-        if self.head:
-            out, self.head = (self.head, b"") if n is None or n < 0 or n >= len(self.head) else \
-                (self.head[:n], self.head[n:])
-            return out
-        return self.raw.read(n)
-
-    def readinto(self, b: Any) -> int:
-        data = self.read(len(b))
-        b[:len(data)] = data
-        return len(data)
 
 
 def iter_archive(fs: pafs.FileSystem, path: str, keep: Keep | None = None,
@@ -366,32 +240,13 @@ def _iter_tar(stream: Expansion, keep: Keep | None, limits: ArchiveLimits, depth
                 yield Member(name, error=problem)
             elif inner:
                 stream.seek(info.offset_data)
-                yield from _inner(_Sub(stream, info.size), name, keep, limits, depth)
+                yield from _inner(Sub(stream, info.size), name, keep, limits, depth)
             else:
                 stream.seek(info.offset_data)
                 yield Member(name, data=read_bounded(stream, info.size))
 
 
-class _Sub(io.RawIOBase):
-    """The next `size` bytes of a forward-only parent stream: an inner archive inside a compressed tar."""
-
-    def __init__(self, parent: Expansion, size: int) -> None:
-        self.parent, self.size, self.left = parent, size, size
-
-    def readable(self) -> bool:
-        return True
-
-    def seekable(self) -> bool:
-        return isinstance(self.parent.raw, Window) and self.parent.can_seek
-
-    def read(self, n: int = -1) -> bytes:
-        n = self.left if n is None or n < 0 else min(n, self.left)
-        data = self.parent.read(min(n, self.parent.max_read - 1)) if n else b""
-        self.left -= len(data)
-        return data
-
-
-def _inner(sub: _Sub, name: str, keep: Keep | None, limits: ArchiveLimits, depth: int) -> Iterator[Member]:
+def _inner(sub: Sub, name: str, keep: Keep | None, limits: ArchiveLimits, depth: int) -> Iterator[Member]:
     """The members of an inner archive (ImageNet's per-class tars), named `<stem>/<member>`; one level only."""
     stem = strip_archive_suffix(name)
     if depth >= 1:
@@ -463,16 +318,7 @@ def _iter_zip(fileobj: BinaryIO, keep: Keep | None, limits: ArchiveLimits, depth
                 yield Member(name, error=f"unreadable_member: {type(exc).__name__}: {exc}")
 
 
-def read_bounded(f: BinaryIO, limit: int) -> bytes:
-    """Up to `limit` bytes of `f`, read in 1 MiB pieces into one growing buffer that becomes the result without a
-    copy: a plain read(n) of a decompressed member holds two or three copies of it at once."""
-    buf = io.BytesIO()
-    while buf.tell() < limit and (chunk := f.read(min(READ_AHEAD, limit - buf.tell()))):
-        buf.write(chunk)
-    return buf.getvalue()
-
-
 def _inner_zip_member(f: BinaryIO, info: zipfile.ZipInfo, name: str, keep: Keep | None, limits: ArchiveLimits,
                       depth: int) -> Iterator[Member]:
     stream = Expansion(f, budget=info.file_size, max_read=limits.member_bytes + 1, seekable=False)
-    yield from _inner(_Sub(stream, info.file_size), name, keep, limits, depth)
+    yield from _inner(Sub(stream, info.file_size), name, keep, limits, depth)
