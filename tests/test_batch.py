@@ -139,6 +139,18 @@ def test_compaction_keeps_every_row_in_few_parts(tmp_path):
     assert manifest.num_rows == 36 and len(read_parts(local, dest)[1]) == 1
 
 
+def test_compaction_on_s3(s3_server, s3_env):
+    from pipelines.batch.manifest import compact_parts, finish_attempt, write_part
+
+    fs, dest = s3_filesystem(), f"{s3_server.create_bucket('batch-compact')}/out"
+    for batch in range(4):
+        write_part(fs, dest, [_part(f"k{batch}-{i}", "done", 1) for i in range(2)], attempt=1)
+    assert compact_parts(fs, dest, attempt=1) == 4 and len(read_parts(fs, dest)[1]) == 1
+    write_part(fs, dest, [_part("late", "failed", 1, "decode", "corrupt")], attempt=1)
+    manifest = finish_attempt(fs, dest, attempt=1)
+    assert manifest.num_rows == 9 and len(read_parts(fs, dest)[1]) == 1
+
+
 def test_finished_keys_travel_as_a_reference_not_a_set():
     import pickle
 
