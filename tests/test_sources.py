@@ -206,3 +206,16 @@ def test_file_over_the_size_limit_is_not_read(tmp_path):
     assert data is None and split_error(error)[0] == "file_too_large"
     data, error = read_file_bytes(fs, str(tmp_path / "missing.jpg"))
     assert data is None and split_error(error)[0] == "unreadable_file" and "missing.jpg" in error
+
+
+def test_archive_gone_after_planning_gives_error_rows(layouts, tmp_path):
+    """Work items of a plain tar read by offset: an archive removed after the listing gives one error row per
+    inner archive (keyed by its stem) instead of failing the task."""
+    gone = tmp_path / "classes.tar"
+    gone.write_bytes(layouts.tar_of_tars.read_bytes())
+    plan = plan_sources([str(gone)])
+    items = plan.work_items()
+    gone.unlink()
+    rows = [row for item in items for row in plan.for_tasks().item_rows(item)]
+    assert sorted(r["key"] for r in rows) == layouts.wnids
+    assert all(split_error(r["error"])[0] == "unreadable_archive" and r["bytes"] is None for r in rows)

@@ -158,29 +158,43 @@ def _archive_items(fs_index: int, archive: dict[str, Any], rows_per_block: int,
 
 def _item_members(fs: pafs.FileSystem, item: dict[str, Any], keep: Callable[[str], bool] | None,
                   limits: ArchiveLimits) -> Iterator[Member]:
-    """Members of an archive work item: the whole archive streamed, a run of a plain tar's members read by
-    offset (through one window over their span), or one inner archive read through a window by offset."""
+    """Members of an archive work item: the whole archive streamed, one inner archive read through a window by
+    offset, or a run of a plain tar's members read by offset (through one window over their span). An archive
+    that cannot be opened or read any more (gone, cut, a failing store) gives error rows, never a failed task."""
     if item["kind"] == "archive":
         yield from iter_archive(fs, item["path"], keep, limits)
         return
-    with fs.open_input_file(item["path"]) as f:
-        if item["kind"] == "inner":
-            name, offset, size = item["entry"]
-            stem = strip_archive_suffix(name)
-            inner_keep = None if keep is None else (lambda n: keep(f"{stem}/{n}"))
-            for member in iter_archive_window(Window(f, offset, size), name, inner_keep, limits, depth=1):
-                if member.name or keep is None or keep(stem):
-                    yield Member(f"{stem}/{member.name}" if member.name else stem, member.data, member.error)
-            return
-        readable = [(o, n) for _, o, n, e in item["entries"] if e is None]
-        start = min((o for o, _ in readable), default=0)
-        window = Window(f, start, max((o + n for o, n in readable), default=start) - start)
-        for name, offset, size, error in item["entries"]:
-            if error is not None:
-                yield Member(name, error=error)
-            else:
-                window.seek(offset - start)
-                yield Member(name, data=read_bounded(window, size))
+    names = [strip_archive_suffix(item["entry"][0])] if item["kind"] == "inner" else [e[0] for e in item["entries"]]
+    done = 0
+    try:
+        with fs.open_input_file(item["path"]) as f:
+            for member in _window_members(f, item, keep, limits):
+                done += member.name in names
+                yield member
+    except OSError as exc:
+        for name in names[done:]:
+            yield Member(name, error=f"unreadable_archive: {type(exc).__name__}: {exc}")
+
+
+def _window_members(f: Any, item: dict[str, Any], keep: Callable[[str], bool] | None,
+                    limits: ArchiveLimits) -> Iterator[Member]:
+    if item["kind"] == "inner":
+        name, offset, size = item["entry"]
+        stem = strip_archive_suffix(name)
+        inner_keep = None if keep is None else (lambda n: keep(f"{stem}/{n}"))
+        for member in iter_archive_window(Window(f, offset, size), name, inner_keep, limits, depth=1):
+            if member.name or keep is None or keep(stem):
+                yield Member(f"{stem}/{member.name}" if member.name else stem, member.data, member.error)
+        return
+    readable = [(o, n) for _, o, n, e in item["entries"] if e is None]
+    start = min((o for o, _ in readable), default=0)
+    window = Window(f, start, max((o + n for o, n in readable), default=start) - start)
+    for name, offset, size, error in item["entries"]:
+        if error is not None:
+            yield Member(name, error=error)
+        else:
+            window.seek(offset - start)
+            yield Member(name, data=read_bounded(window, size))
 
 
 def plan_sources(srcs: list[str], *, filesystem: pafs.FileSystem | None = None, labels_file: str | None = None,
