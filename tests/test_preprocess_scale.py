@@ -215,7 +215,7 @@ def test_killed_run_resumes_to_the_uninterrupted_dataset(archive, counted_run, t
                                 stdout=out, stderr=subprocess.STDOUT)
     done_dir, deadline = dest / "_progress" / "done", time.monotonic() + 240
     try:
-        while not (done_dir.is_dir() and any(done_dir.iterdir())):  # the condition: a work item finished
+        while not (done_dir.is_dir() and any(done_dir.glob("*.json"))):  # the condition: a work item finished
             assert proc.poll() is None, f"the job ended before it was killed:\n{log.read_text()[-3000:]}"
             assert time.monotonic() < deadline, f"no work item finished in 240 s:\n{log.read_text()[-3000:]}"
             time.sleep(0.05)
@@ -225,7 +225,7 @@ def test_killed_run_resumes_to_the_uninterrupted_dataset(archive, counted_run, t
     while ray.available_resources().get("CPU", 0) < ray.cluster_resources()["CPU"]:  # its tasks are gone
         assert time.monotonic() < deadline + 60, "the killed job's tasks were not released"
         time.sleep(0.2)
-    markers = [json.loads(p.read_text()) for p in done_dir.iterdir()]
+    markers = [json.loads(p.read_text()) for p in done_dir.glob("*.json")]
     finished = {f for m in markers for f in m["files"]}
     before = {k: v for k, v in _snapshot(dest).items() if k in finished}
     assert not (dest / "manifest.json").exists() and 0 < len(markers) < INNER, "the kill should land midway"

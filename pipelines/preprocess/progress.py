@@ -90,7 +90,12 @@ def mark_done(fs: pafs.FileSystem, dest: str, marker: dict[str, Any], failures: 
     """Record one finished work item: its failures first, then the marker that says all its files are written."""
     if failures.num_rows:
         pq.write_table(failures, f"{dest}/{PROGRESS}/failures/{marker['id']}.parquet", filesystem=fs)
-    write_json(fs, f"{dest}/{PROGRESS}/done/{marker['id']}.json", marker)
+    path = f"{dest}/{PROGRESS}/done/{marker['id']}.json"
+    if fs.type_name in ("s3", "gcs"):  # an object appears whole or not at all
+        write_json(fs, path, marker)
+    else:  # a rename is atomic: a killed task never leaves half a marker
+        write_json(fs, f"{path}.tmp", marker)
+        fs.move(f"{path}.tmp", path)
 
 
 def merge_failures(fs: pafs.FileSystem, dest: str) -> pa.Table:
