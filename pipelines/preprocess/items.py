@@ -22,7 +22,19 @@ from pipelines.io.sources import SourcePlan
 from pipelines.preprocess.progress import mark_done
 
 SUMMARY_SCHEMA = pa.schema([("id", pa.string()), ("train", pa.int64()), ("heldout", pa.int64()),
-                            ("failures", pa.int64())])
+                            ("failures", pa.int64()), ("pid", pa.int64()), ("start", pa.float64()),
+                            ("end", pa.float64())])
+
+
+def concurrency(summaries: list[dict[str, Any]]) -> dict[str, int]:
+    """How this run's work items ran: items, distinct worker processes, and the most items in progress at once
+    (from each item's start and end time)."""
+    events = sorted([(s["start"], 1) for s in summaries] + [(s["end"], -1) for s in summaries])
+    running = peak = 0
+    for _, step in events:  # an end sorts before a start at the same instant: touching is not overlapping
+        running += step
+        peak = max(peak, running)
+    return {"items_run": len(summaries), "processes": len({s["pid"] for s in summaries}), "max_concurrent": peak}
 
 
 class PartWriter:

@@ -27,7 +27,7 @@ from pipelines.io.s3 import resolve_path
 from pipelines.io.shared_path import SharedPathError, require_shared_path
 from pipelines.io.sources import SourcePlan, plan_sources
 from pipelines.job_config import parse_overrides, read_job_file
-from pipelines.preprocess.items import process_items
+from pipelines.preprocess.items import concurrency, process_items
 from pipelines.preprocess.progress import (
     DestMismatch,
     done_items,
@@ -89,13 +89,13 @@ def _is_object_store(fs: pafs.FileSystem) -> bool:
 
 
 def _write_items(plan: SourcePlan, items: list[dict[str, Any]], done: set[str], settings: PreprocessSettings,
-                 fs: pafs.FileSystem, dest: str) -> None:
+                 fs: pafs.FileSystem, dest: str) -> dict[str, int]:
     """Run the work items not finished yet, one fused read -> decode -> write task each (TASK_CPUS): neither bytes
     nor tensors pass through the object store, only one summary row per item comes back."""
     todo = [item for item in items if item["id"] not in done]
     log.info("preprocess: %d work items, %d finished by an earlier run, %d to do", len(items), len(done), len(todo))
     if not todo:
-        return
+        return concurrency([])
     ds = ray.data.from_items([{"item": json.dumps(item)} for item in todo], override_num_blocks=len(todo))
     ds = ds.map_batches(process_items, batch_size=1, batch_format="pyarrow", num_cpus=TASK_CPUS,
                         fn_kwargs={"plan": plan.for_tasks(), "settings": dataclasses.asdict(settings), "fs": fs,
@@ -103,10 +103,12 @@ def _write_items(plan: SourcePlan, items: list[dict[str, Any]], done: set[str], 
     # Ray Data's per-operator reservation would hold back CPUs for operators that are cheap here (measured on
     # 500 ImageNet JPEGs, 2 CPUs, benchmarks/preprocess.py: 10.3 s with it, 5.6 s without, 4.2 s fused).
     ds.context.op_resource_reservation_enabled = False
-    every = max(1, len(todo) // 20)
-    for n, _ in enumerate(ds.iter_rows(), 1):
+    every, summaries = max(1, len(todo) // 20), []
+    for n, row in enumerate(ds.iter_rows(), 1):
+        summaries.append(row)
         if n % every == 0 or n == len(todo):
             log.info("preprocess: %d/%d work items written", n + len(done), len(items))
+    return concurrency(summaries)
 
 
 def _finish_splits(settings: PreprocessSettings, fs: pafs.FileSystem, dest: str) -> None:
@@ -148,12 +150,13 @@ def run_preprocess(settings: PreprocessSettings, *, source_filesystem: pafs.File
             fs.create_dir(f"{dest}/{split}", recursive=True)
     log.info("preprocess: %d files and %d archives in %d source(s), %d classes -> %s (%s)", plan.num_files,
              plan.num_archives, len(settings.sources), len(plan.labeling.classes), settings.dest, state)
-    _write_items(plan, items, done_items(fs, dest), settings, fs, dest)
+    execution = _write_items(plan, items, done_items(fs, dest), settings, fs, dest)
     _finish_splits(settings, fs, dest)
     failures = merge_failures(fs, dest)
     manifest = build_manifest(fs, dest, settings=dataclasses.asdict(settings), classes=plan.labeling.classes,
                               failures=failures, seconds=time.time() - started)
     manifest["work_items"] = work_items_digest([i["id"] for i in items])
+    manifest["execution"] = execution  # this run's share: items it ran, worker processes, most items at once
     write_json(fs, f"{dest}/manifest.json", manifest)
     remove_progress(fs, dest)
     log.info("preprocess: done in %.1f s: %s, %d failures", manifest["seconds"],
