@@ -1,8 +1,10 @@
 """The suite's one training submission (a fixture builder, not tests): on the session's token-authenticated pool
-cluster and MLflow server, as a user does, it preprocesses 16 real photos with `coltran submit preprocess`, trains
-the three stages at once with the README's `ray job submit` command (a worker of the 2-worker stage is SIGKILLed
-mid-run and must resume), and colorizes 3 other photos with `coltran submit colorize` from the registered models.
-test_train.py, test_submission.py and the registry-based tests read what it leaves."""
+cluster (worker nodes with private disks, tests/ray_pool.py), the MLflow server and the S3 server, as a user
+does, it preprocesses 16 real photos from S3 to S3 with `coltran submit preprocess`, trains the three stages at
+once with the README's `ray job submit` command (dataset and checkpoints in S3; a worker of the 2-worker stage
+is SIGKILLed mid-run and must resume), and colorizes a tar of 3 other photos from S3 to S3 with `coltran submit
+colorize` from the registered models. Every byte the jobs share goes through S3 or MLflow, as on machines that
+share no disk. test_train.py, test_submission.py and the registry-based tests read what it leaves."""
 
 from __future__ import annotations
 
@@ -10,6 +12,7 @@ import json
 import re
 import shutil
 import subprocess
+import tarfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,6 +29,7 @@ ROOT = Path(__file__).resolve().parents[1]
 STAGES = ("colorizer", "color_upsampler", "spatial_upsampler")
 NAMES = REGISTERED_NAMES  # `models:/@candidate` in the batch job resolves the product's default names
 RUN, EXPERIMENT, ALIAS = "cluster-flow", "cluster-flow", "candidate"
+BUCKET = "cluster-flow"
 # stage: (workers, global batch, steps, checkpoint every) -- the colour upsampler runs DDP on 2 workers, whose
 # start-up takes ~20 s longer here; the colorizer's 32 steps keep its step loop running well past that
 PLAN = {"colorizer": (1, 4, 32, 8), "color_upsampler": (2, 4, 16, 4), "spatial_upsampler": (1, 2, 24, 8)}
@@ -45,17 +49,43 @@ PROBE = ("import json, os, sys, pipelines; files = [os.path.join(d, f) for d, _,
 
 @dataclass
 class Flow:
-    root: Path
-    dataset: Path
+    root: Path  # the user's local folder (job files, logs, the photos' originals)
+    fs: object  # pyarrow S3FileSystem on the session's S3 server, for reading what the jobs wrote
+    dataset: str  # s3:// URIs from here to `out`
     job_file: Path  # the training job as submitted (the re-submission test submits it again)
-    storage: Path
-    models_dir: Path
+    storage: str
+    models_dir: Path  # written by the training job's driver, on the head node (this machine)
     photos: list[Path]
-    out: Path  # the batch job's output
+    out: str  # the batch job's output
     job_ids: dict[str, str] = field(default_factory=dict)
     logs: dict[str, str] = field(default_factory=dict)
     seconds: dict[str, float] = field(default_factory=dict)
     versions: dict[str, str] = field(default_factory=dict)  # stage -> version registered by the training job
+
+    def key(self, uri: str) -> str:
+        assert uri.startswith(f"s3://{BUCKET}/"), uri
+        return uri.removeprefix("s3://")
+
+    def read_bytes(self, uri: str) -> bytes:
+        with self.fs.open_input_file(self.key(uri)) as f:
+            return f.read()
+
+    def read_table(self, uri: str, **kwargs):
+        import pyarrow.parquet as pq
+
+        return pq.read_table(self.key(uri), filesystem=self.fs, **kwargs)
+
+    def exists(self, uri: str) -> bool:
+        from pyarrow import fs
+
+        return self.fs.get_file_info(self.key(uri)).type != fs.FileType.NotFound
+
+    def folders(self, uri: str) -> list[str]:
+        """URIs of the folders directly under `uri`, sorted."""
+        from pyarrow import fs
+
+        infos = self.fs.get_file_info(fs.FileSelector(self.key(uri)))
+        return sorted(f"s3://{i.path}" for i in infos if i.type == fs.FileType.Directory)
 
 
 def cli_env(home: Path, extra: dict[str, str] | None = None) -> dict[str, str]:
@@ -101,10 +131,10 @@ def job_id_in(output: str, pattern: str) -> str:
     return found.group(1)
 
 
-def train_job(root: Path, dataset: Path, tracking_uri: str) -> dict:
+def train_job(dataset: str, storage: str, models_dir: Path, tracking_uri: str) -> dict:
     """jobs/train_local.yaml with each stage pinned to its pool, `test` presets, PLAN's workers and steps."""
     job = yaml.safe_load((ROOT / "jobs" / "train_local.yaml").read_text())
-    job.update(run_name=RUN, storage_path=str(root / "runs"), dataset=str(dataset), models_dir=str(root / "models"))
+    job.update(run_name=RUN, storage_path=storage, dataset=dataset, models_dir=str(models_dir))
     job["mlflow"].update(tracking_uri=tracking_uri, experiment=EXPERIMENT, alias=ALIAS)
     for stage, (workers, batch, steps, every) in PLAN.items():
         spec = job["stages"][stage]
@@ -116,10 +146,10 @@ def train_job(root: Path, dataset: Path, tracking_uri: str) -> dict:
     return job
 
 
-def batch_job(photos: Path, out: Path) -> dict:
-    """jobs/colorize.yaml on a folder of photos, models from the registry, one small actor per stage, CPU."""
+def batch_job(source: str, out: str) -> dict:
+    """jobs/colorize.yaml on an archive of photos, models from the registry, one small actor per stage, CPU."""
     job = yaml.safe_load((ROOT / "jobs" / "colorize.yaml").read_text())
-    job.update(sources=[str(photos)], models=f"models:/@{ALIAS}", out=str(out), num_samples=1, device="cpu",
+    job.update(sources=[source], models=f"models:/@{ALIAS}", out=out, num_samples=1, device="cpu",
                progress_every_s=0, tracking_uri=None)  # the other documented way: MLFLOW_TRACKING_URI (--env)
     for stage in ("prepare", "write"):
         job[stage].update(batch_size=2, num_cpus=0.5)
@@ -135,7 +165,7 @@ def _timed(flow: Flow, step: str, start: float) -> None:
     print(f"cluster flow, {step}: {flow.seconds[step]:.1f} s", flush=True)
 
 
-def run_flow(cluster, mlflow_server, root: Path) -> Flow:
+def run_flow(cluster, mlflow_server, s3_server, root: Path) -> Flow:
     """Preprocess, train and colorize on `cluster` as a user does; see the module docstring."""
     jpegs = sorted(SAMPLE.glob("*.JPEG"))
     (root / "train_images").mkdir()
@@ -144,16 +174,24 @@ def run_flow(cluster, mlflow_server, root: Path) -> Flow:
         shutil.copy(path, root / "train_images" / path.name)
     photos = [Path(shutil.copy(path, root / "photos" / path.name))
               for path in jpegs[TRAIN_IMAGES:TRAIN_IMAGES + PHOTOS]]
+    (root / "archives").mkdir()
+    with tarfile.open(root / "archives" / "photos.tar", "w") as tar:
+        for path in photos:
+            tar.add(path, arcname=path.name)
+    s3 = s3_server.create_bucket(BUCKET)
+    s3_server.upload_folder(root / "train_images", s3, "train_images")
+    s3_server.upload_folder(root / "archives", s3, "archives")
     home = root / "home"  # a user's home holding the token where Ray and the README look for it
     (home / ".ray").mkdir(parents=True)
     shutil.copy(cluster.token_path, home / ".ray" / "auth_token")
-    flow = Flow(root, root / "dataset", root / "train.yaml", root / "runs", root / "models", photos,
-                root / "colorized")
+    uri = f"s3://{BUCKET}"
+    flow = Flow(root, s3_server.filesystem(), f"{uri}/dataset", root / "train.yaml", f"{uri}/runs", root / "models",
+                photos, f"{uri}/colorized")
     url, coltran = cluster.dashboard_url, str(VENV_BIN / "coltran")
 
     # 1. preprocessing: the project's own job file with --set overrides; token from RAY_AUTH_TOKEN
     start = time.monotonic()
-    sets = [f"sources=[{root / 'train_images'}]", f"dest={flow.dataset}", "heldout_fraction=0.25", "train_crops=8",
+    sets = [f"sources=[{uri}/train_images]", f"dest={flow.dataset}", "heldout_fraction=0.25", "train_crops=8",
             "min_rows_per_file=8", "batch_size=4"]
     done = run_cli([coltran, "submit", "preprocess", "jobs/preprocess.yaml", "--address", url, "--working-dir",
                     str(ROOT), *[f"--set={s}" for s in sets], "--timeout", "600"],
@@ -164,7 +202,7 @@ def run_flow(cluster, mlflow_server, root: Path) -> Flow:
     _timed(flow, "preprocess", start)
 
     # 2. training: a probe job (environment form, not waited for) and the README's command, from the checkout
-    flow.job_file.write_text(yaml.safe_dump(train_job(root, flow.dataset, mlflow_server.uri), sort_keys=False))
+    flow.job_file.write_text(yaml.safe_dump(train_job(flow.dataset, flow.storage, flow.models_dir, mlflow_server.uri), sort_keys=False))
     env_auth = cli_env(root / "empty-home", {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(cluster.token_path)})
     probe = run_cli([str(VENV_BIN / "ray"), "job", "submit", "--address", url, "--no-wait", "--working-dir", ".",
                      "--", "python", "-c", PROBE], env_auth, cwd=ROOT, timeout=120)
@@ -186,7 +224,7 @@ def run_flow(cluster, mlflow_server, root: Path) -> Flow:
 
     # 3. batch colorization from the registry; token from RAY_AUTH_TOKEN_PATH
     batch_file = root / "colorize.yaml"
-    batch_file.write_text(yaml.safe_dump(batch_job(root / "photos", flow.out), sort_keys=False))
+    batch_file.write_text(yaml.safe_dump(batch_job(f"{uri}/archives/photos.tar", flow.out), sort_keys=False))
     start = time.monotonic()
     done = run_cli([coltran, "submit", "colorize", str(batch_file), "--address", url, "--working-dir", str(ROOT),
                     "--env", f"MLFLOW_TRACKING_URI={mlflow_server.uri}", "--env",

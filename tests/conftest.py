@@ -78,8 +78,10 @@ def s3_env(s3_server, monkeypatch) -> dict[str, str]:
 
 
 @pytest.fixture(scope="session")
-def ray_pool_cluster(service_mark) -> Iterator[RayPoolCluster]:
-    with run_ray_pool_cluster(f"{service_mark}/ray") as cluster:
+def ray_pool_cluster(service_mark, s3_server) -> Iterator[RayPoolCluster]:
+    """Every node reaches the session's S3 server (endpoint and credentials in its environment, as an instance
+    role and a machine image give them): S3 is the storage the nodes share."""
+    with run_ray_pool_cluster(f"{service_mark}/ray", node_env=s3_server.env) as cluster:
         yield cluster
 
 
@@ -91,10 +93,11 @@ def ray_pool_driver(ray_pool_cluster) -> Iterator[RayPoolCluster]:
 
 
 @pytest.fixture(scope="session")
-def cluster_flow(ray_pool_cluster, mlflow_server, tmp_path_factory) -> Flow:
-    """The session's one training submission (preprocess, train, batch colorize) on the pool cluster."""
+def cluster_flow(ray_pool_cluster, mlflow_server, s3_server, tmp_path_factory) -> Flow:
+    """The session's one training submission (preprocess, train, batch colorize) on the pool cluster, through
+    S3 and the MLflow server."""
     require_shared_data(SAMPLE)
-    return run_flow(ray_pool_cluster, mlflow_server, tmp_path_factory.mktemp("cluster-flow"))
+    return run_flow(ray_pool_cluster, mlflow_server, s3_server, tmp_path_factory.mktemp("cluster-flow"))
 
 
 @pytest.fixture(scope="session")

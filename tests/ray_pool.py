@@ -207,8 +207,11 @@ def _pools_up(dashboard_url: str, headers: dict[str, str]) -> dict[str, str]:
 
 
 @contextmanager
-def run_ray_pool_cluster(mark: str, timeout: float = 180.0) -> Iterator[RayPoolCluster]:
-    """Start head + pool workers with token auth; on exit kill exactly the processes they started."""
+def run_ray_pool_cluster(mark: str, timeout: float = 180.0,
+                         node_env: dict[str, str] | None = None) -> Iterator[RayPoolCluster]:
+    """Start head + pool workers with token auth; on exit kill exactly the processes they started. `node_env`
+    is every node's environment, as a machine image or instance role gives it (here: the S3 endpoint and
+    credentials of the session's moto server)."""
     root = Path(tempfile.mkdtemp(prefix="ctray-", dir="/tmp"))  # short: Ray's socket paths live under it
     token_path = root / "auth_token"
     token = secrets.token_hex(32)
@@ -217,7 +220,8 @@ def run_ray_pool_cluster(mark: str, timeout: float = 180.0) -> Iterator[RayPoolC
     (root / "tmp").mkdir()
     (root / "scratch").mkdir()
     env = service_env(mark, {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token_path),
-                             "RAY_USAGE_STATS_ENABLED": "0", "TMPDIR": str(root / "tmp")}, drop=_FOREIGN_VARS)
+                             "RAY_USAGE_STATS_ENABLED": "0", "TMPDIR": str(root / "tmp"), **(node_env or {})},
+                      drop=_FOREIGN_VARS)
     gcs_port, dashboard_port = free_port(), free_port()
     dashboard_url = f"http://127.0.0.1:{dashboard_port}"
     headers = {"Authorization": f"Bearer {token}"}

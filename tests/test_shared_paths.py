@@ -1,7 +1,7 @@
 """Nodes that share no disk (the pool cluster of ray_pool.py: each worker node has its own tmpfs over the cluster's
 `scratch` path): the harness really separates the nodes, and every job given a node-local output path or MLflow
-store refuses before doing any work, saying why and what to use instead. The same jobs on shared storage (pytest's
-tmp dirs, seen by every node; S3; the MLflow server) are the session's training submission (cluster_flow.py)."""
+store refuses before doing any work, saying why and what to use instead. The same jobs on shared storage (S3 and the
+MLflow server) are the session's training submission (cluster_flow.py)."""
 
 from __future__ import annotations
 
@@ -93,7 +93,7 @@ def test_batch_refuses_a_node_local_out(ray_pool_cluster, tmp_path):
 
 @pytest.mark.parametrize("what", ["storage_path", "tracking_uri"])
 def test_training_refuses_node_local_run_storage_and_mlflow_store(ray_pool_cluster, mlflow_server, tmp_path, what):
-    job = train_job(tmp_path, tmp_path / "no-dataset-needed", mlflow_server.uri)
+    job = train_job(str(tmp_path / "no-dataset-needed"), str(tmp_path / "runs"), tmp_path / "models", mlflow_server.uri)
     job["run_name"] = job["mlflow"]["experiment"] = f"refused-{what}"
     local = ray_pool_cluster.scratch / f"train-{what}"
     if what == "storage_path":

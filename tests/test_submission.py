@@ -6,10 +6,11 @@ token are refused."""
 
 from __future__ import annotations
 
+import io
 import json
+import urllib.request
 from pathlib import Path
 
-import pyarrow.parquet as pq
 import pytest
 from cluster_flow import EXPERIMENT, NAMES, PLAN, ROOT, RUN, STAGES, cli_env, run_cli
 from PIL import Image
@@ -28,7 +29,7 @@ def test_every_job_succeeded_on_the_cluster(cluster_flow, ray_pool_cluster):
             assert str(status).endswith("SUCCEEDED"), f"{kind} job {job_id} ended {status}"
     assert f"Job '{cluster_flow.job_ids['train']}' succeeded" in cluster_flow.logs["train"]
     assert f"job {cluster_flow.job_ids['colorize']}: SUCCEEDED" in cluster_flow.logs["colorize"]
-    manifest = json.loads((cluster_flow.dataset / "manifest.json").read_text())
+    manifest = json.loads(cluster_flow.read_bytes(f"{cluster_flow.dataset}/manifest.json"))
     assert manifest["splits"]["heldout"]["images"] >= 1 and manifest["splits"]["train"]["images"] >= 6
     assert manifest["settings"]["heldout_fraction"] == 0.25  # the --set overrides reached the job
 
@@ -77,7 +78,7 @@ def test_training_results_in_mlflow(cluster_flow, mlflow_server, ray_pool_cluste
 
 
 def test_batch_job_colorized_every_photo_with_the_registered_models(cluster_flow):
-    rows = pq.read_table(cluster_flow.out / "manifest.parquet").to_pylist()
+    rows = cluster_flow.read_table(f"{cluster_flow.out}/manifest.parquet").to_pylist()
     assert sorted(r["key"] for r in rows) == sorted(p.name for p in cluster_flow.photos)
     for row in rows:
         assert row["status"] == "done" and row["attempt"] == 1, row
@@ -85,8 +86,25 @@ def test_batch_job_colorized_every_photo_with_the_registered_models(cluster_flow
             assert row[f"{stage}_model"] == f"models:/{NAMES[stage]}/{cluster_flow.versions[stage]}"
         assert len(row["outputs"]) == 1
         source = cluster_flow.root / "photos" / row["key"]
-        with Image.open(cluster_flow.out / row["outputs"][0]) as out, Image.open(source) as src:
+        written = io.BytesIO(cluster_flow.read_bytes(f"{cluster_flow.out}/{row['outputs'][0]}"))
+        with Image.open(written) as out, Image.open(source) as src:
             assert out.mode == "RGB" and out.size == src.size == (row["width"], row["height"])
+
+
+def test_batch_stage_actors_ran_on_their_pools(cluster_flow, ray_pool_cluster):
+    """Placement, from Ray's state API: the colorize job's actors of each stage (Ray Data's map workers, whose
+    names carry the stage's actor class) ran on that stage's pool node only."""
+    job_id = ray_pool_cluster.job_client().get_job_info(cluster_flow.job_ids["colorize"]).job_id
+    request = urllib.request.Request(f"{ray_pool_cluster.dashboard_url}/api/v0/actors?limit=10000&detail=1",
+                                     headers=ray_pool_cluster.headers)
+    with urllib.request.urlopen(request, timeout=60) as response:
+        actors = [a for a in json.load(response)["data"]["result"]["result"] if a.get("job_id") == job_id]
+    for stage, actor_class in zip(STAGES, ("ColorizerActor", "ColorUpsamplerActor", "SpatialUpsamplerActor"),
+                                  strict=True):
+        nodes = {a["node_id"] for a in actors if actor_class in (a.get("repr_name") or "") + a["class_name"]}
+        assert nodes == {ray_pool_cluster.node_ids[stage]}, (
+            f"{actor_class} on {nodes}, pool node {ray_pool_cluster.node_ids[stage]}; "
+            f"actors: {[(a['class_name'], a.get('repr_name')) for a in actors]}")
 
 
 def test_submissions_without_the_right_token_are_refused(cluster_flow, ray_pool_cluster):

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import mlflow
 import numpy as np
-import pyarrow.parquet as pq
+import pyarrow.fs as pafs
 import pytest
 import torch
 import torch.distributed as dist
@@ -74,7 +74,7 @@ def _history(client, run, key: str) -> list[tuple[int, float]]:
 def test_job_trained_every_stage_and_said_so(cluster_flow):
     for stage in STAGES:
         assert f"stage {stage}: ok at step {PLAN[stage][2]}" in cluster_flow.logs["train"]
-    manifest = json.loads((cluster_flow.dataset / "manifest.json").read_text())
+    manifest = json.loads(cluster_flow.read_bytes(f"{cluster_flow.dataset}/manifest.json"))
     assert manifest["splits"]["heldout"]["images"] >= 2 and manifest["splits"]["train"]["images"] >= 8
 
 
@@ -114,16 +114,20 @@ def test_loss_falls_when_overfitting_a_few_images(cluster_flow, mlflow_server):
 
 @pytest.mark.ray
 @pytest.mark.slow
-def test_checkpoints_hold_model_ema_optimizer_step_data_position_and_rng(cluster_flow):
+def test_checkpoints_hold_model_ema_optimizer_step_data_position_and_rng(cluster_flow, tmp_path):
     for stage in STAGES:
         workers, batch, steps, every = PLAN[stage]
-        found = sorted(p for p in (cluster_flow.storage / f"{RUN}-{stage}").glob("checkpoint_*") if p.is_dir())
+        found = [uri for uri in cluster_flow.folders(f"{cluster_flow.storage}/{RUN}-{stage}")
+                 if uri.rsplit("/", 1)[1].startswith("checkpoint_")]
         assert 1 <= len(found) <= 2, f"keep_checkpoints=2 retention broken for {stage}: {found}"
-        ckpt = load_checkpoint(found[-1], weights="model", with_training_state=True, stage=stage)
+        local = tmp_path / stage  # the checkpoint as Ray Train left it in S3
+        local.mkdir()
+        pafs.copy_files(cluster_flow.key(found[-1]), str(local), source_filesystem=cluster_flow.fs)
+        ckpt = load_checkpoint(local, weights="model", with_training_state=True, stage=stage)
         assert ckpt.step == steps and ckpt.optimizer_state and ckpt.ema_state
         state = ckpt.trainer_state
         assert state["world_size"] == workers and len(state["rng"]) == workers
-        rows = pq.read_table(cluster_flow.dataset / "train", columns=["key"]).num_rows
+        rows = cluster_flow.read_table(f"{cluster_flow.dataset}/train", columns=["key"]).num_rows
         per_epoch = (rows // workers) // (batch // workers)  # equal shards, whole batches only
         assert state["data"]["epoch"] * per_epoch + state["data"]["batch"] == steps  # batches consumed
         exported = load_checkpoint(cluster_flow.models_dir / stage, stage=stage)
@@ -136,8 +140,8 @@ def test_killed_worker_resumed_from_its_checkpoint_in_the_same_mlflow_run(cluste
     client, _, runs, children = _runs(mlflow_server)
     assert sorted(r.data.tags[STAGE_TAG] for r in children) == sorted(STAGES)  # one child run per stage
     run = runs["color_upsampler"]
-    marker = cluster_flow.storage / f"{RUN}-color_upsampler.fault-injected"
-    assert marker.read_text().strip() == f"killed at step {KILL_STEP}"
+    marker = cluster_flow.read_bytes(f"{cluster_flow.storage}/{RUN}-color_upsampler.fault-injected")
+    assert marker.decode().strip() == f"killed at step {KILL_STEP}"
     assert run.data.tags["coltran.restored_from_step"] == "4"  # the last checkpoint before the kill
     assert run.data.tags["coltran.final_step"] == "16" and run.info.status == "FINISHED"
     assert runs["colorizer"].data.tags["coltran.restored_from_step"] == ""  # untouched stages never restarted
@@ -181,7 +185,7 @@ def test_registered_models_resolve_load_and_colorize(cluster_flow, mlflow_server
                          tracking_uri=mlflow_server.uri)
     ckpt = load_checkpoint(one, stage="colorizer")
     assert ckpt.step == PLAN["colorizer"][2] and ckpt.meta["registered_name"] == NAMES["colorizer"]
-    heldout = pq.read_table(cluster_flow.dataset / "heldout")
+    heldout = cluster_flow.read_table(f"{cluster_flow.dataset}/heldout")
     gray = read_tensor_column(heldout, "gray_64")[:1]
     colors = sample_colorizer(ckpt.model, torch.from_numpy(gray), seeds=[0]).colors3
     assert colors.shape == (1, 64, 64, 3) and int(colors.max()) <= 7
@@ -233,13 +237,13 @@ def test_resubmission_continues_the_same_runs_and_a_failing_stage_spares_the_oth
 
 
 @pytest.mark.ray
-def test_small_training_splits_are_materialised_once(cluster_flow, ray_pool_driver):
-    rows = pq.read_table(cluster_flow.dataset / "train", columns=["key"]).num_rows
-    cached = open_train_dataset(str(cluster_flow.dataset), "spatial_upsampler", "train", cache_below_mb=512)
+def test_small_training_splits_are_materialised_once(cluster_flow, ray_pool_driver, s3_env):
+    rows = cluster_flow.read_table(f"{cluster_flow.dataset}/train", columns=["key"]).num_rows
+    cached = open_train_dataset(cluster_flow.dataset, "spatial_upsampler", "train", cache_below_mb=512)
     assert isinstance(cached, MaterializedDataset) and cached.count() == rows
     assert cached.columns() == ["gray_256", "rgb_256", "rgb_64"]
     per_row_mb = (256 * 256 * 4 + 64 * 64 * 3) / 1e6
-    streamed = open_train_dataset(str(cluster_flow.dataset), "spatial_upsampler", "train",
+    streamed = open_train_dataset(cluster_flow.dataset, "spatial_upsampler", "train",
                                   cache_below_mb=per_row_mb * (rows - 1))  # one row over the limit
     assert not isinstance(streamed, MaterializedDataset) and streamed.count() == rows
 

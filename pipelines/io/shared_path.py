@@ -68,6 +68,28 @@ def require_shared_path(uri: str, what: str) -> None:
             "(NFS, EFS, Lustre...).")
 
 
+@ray.remote(num_cpus=0, max_retries=0)
+def _missing(folders: list[str]) -> list[str]:
+    return [folder for folder in folders if not Path(folder).is_dir()]
+
+
+def require_on_every_node(folders: list[str], what: str, advice: str) -> None:
+    """Raise SharedPathError when a local input folder (one that jobs read and never write, so no marker can be
+    written there) is missing on some alive node of the connected cluster; a one-node cluster passes at once."""
+    folders = [str(Path(f).expanduser().absolute()) for f in folders if is_local_path(str(f))]
+    nodes = [node for node in ray.nodes() if node.get("Alive")]
+    if not folders or len(nodes) <= 1:
+        return
+    checks = {node["NodeID"]: _missing.options(scheduling_strategy=NodeAffinitySchedulingStrategy(
+        node["NodeID"], soft=False)).remote(folders) for node in nodes}
+    missing = dict(zip(checks, ray.get(list(checks.values()), timeout=CHECK_TIMEOUT_S), strict=True))
+    blind = [f"{_node_name(node)} lacks {', '.join(missing[node['NodeID']])}" for node in nodes
+             if missing[node["NodeID"]]]
+    if blind:
+        raise SharedPathError(f"{what} is a local path that {len(blind)} of the cluster's {len(nodes)} nodes do not "
+                              f"have ({'; '.join(blind)}). {advice}")
+
+
 def require_shared_tracking_uri(uri: str) -> None:
     """Raise SharedPathError when the MLflow store `uri` is a folder or SQLite file that not every node sees:
     workers on the other nodes would log into stores of their own, empty to everyone else."""

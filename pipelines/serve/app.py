@@ -106,6 +106,7 @@ def build_app(args: dict):
     from pipelines.serve.ingress import Ingress
 
     settings = AppSettings.from_args(dict(args))
+    _require_models_on_every_node(settings.models)
     common = {"models": settings.models, "device": settings.device, "tracking_uri": settings.tracking_uri}
     col = settings.stage("colorizer")
     # @serve.batch never fills a batch above the replica's max_ongoing_requests (a config file may override).
@@ -120,6 +121,21 @@ def build_app(args: dict):
             stage, max_batch_size=ups.max_batch_size, batch_wait_timeout_s=ups.batch_wait_timeout_s, **common)
     return Ingress.bind(colorizer, upsamplers["color_upsampler"], upsamplers["spatial_upsampler"],
                         limits=settings.limits, auth=settings.auth)
+
+
+def _require_models_on_every_node(models: str | dict) -> None:
+    """A models directory is read by replicas on whichever nodes they land: on a cluster of machines that share
+    no disk it must exist on every node, else the replicas elsewhere fail one by one. Refused up front instead."""
+    import ray
+
+    from pipelines.io.shared_path import require_on_every_node
+
+    specs = models if isinstance(models, dict) else {stage: models for stage in STAGE_NAMES}
+    folders = [spec if isinstance(models, dict) else str(Path(spec).expanduser() / stage)
+               for stage, spec in specs.items() if not str(spec).startswith("models:/")]
+    if folders and ray.is_initialized():
+        require_on_every_node(folders, f"the models {models}", "Serve from the MLflow registry (models:/@<alias>, "
+                              "with tracking_uri) or from a folder mounted on every node.")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
