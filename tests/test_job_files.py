@@ -52,3 +52,15 @@ def test_cluster_jobs_keep_their_data_and_runs_on_shared_storage():
                  batch_settings(path=JOBS / "colorize.yaml").out):
         assert path.startswith("s3://"), path
     assert train.mlflow.tracking_uri.startswith("http"), "a cluster's workers need a tracking server"
+
+
+def test_serve_runs_the_model_stages_on_the_gpu_pools():
+    """jobs/serve.yaml is for the GPU cluster of cluster/: each model stage asks for (a share of) a GPU on its own
+    pool; the Ingress does CPU work on the CPU pool."""
+    (app,) = yaml.safe_load((JOBS / "serve.yaml").read_text())["applications"]
+    options = {d["name"]: d["ray_actor_options"] for d in app["deployments"]}
+    for name, pool in (("Colorizer", "colorizer"), ("ColorUpsampler", "color_upsampler"),
+                       ("SpatialUpsampler", "spatial_upsampler")):
+        assert 0 < options[name]["num_gpus"] <= 1 and options[name]["label_selector"] == {"pool": pool}, name
+    assert "num_gpus" not in options["Ingress"] and options["Ingress"]["label_selector"] == {"pool": "cpu"}
+    assert app["args"].get("device") in (None, "cuda")  # null: CUDA wherever a replica was given a GPU

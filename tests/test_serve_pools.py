@@ -33,11 +33,13 @@ def _local_copy(tmp_path: Path, models: str | Path, port: int, token_file: Path,
                 tracking_uri: str | None = None) -> Path:
     """The job file with only what the test cluster needs changed: its models and MLflow server, a free loopback
     port, one HTTP proxy (all the test cluster's nodes share one loopback address, so only one can bind the
-    port), and the API token from a file rather than the nodes' environment."""
+    port), no GPUs (it has none), and the API token from a file rather than the nodes' environment."""
     config = yaml.safe_load(JOB_FILE.read_text())
     config["http_options"] = {"host": "127.0.0.1", "port": port}
     config["proxy_location"] = "HeadOnly"
     assert config["applications"][0]["args"]["auth"].get("disabled") is not True
+    for deployment in config["applications"][0]["deployments"]:  # CPU-only pools: the documented edit
+        deployment["ray_actor_options"].pop("num_gpus", None)
     config["applications"][0]["args"].update(models=str(models), tracking_uri=tracking_uri,
                                              auth={"token_file": str(token_file)})
     path = tmp_path / "serve.yaml"
