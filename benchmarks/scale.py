@@ -17,10 +17,17 @@ task and the test-preset model actors): the bytes of every column of each block 
 from one stage to the next, per image, against the photo's decoded luma (H x W bytes) plus chroma (2 x H x W);
 also what carrying always the file (the earlier design) or always the luma would have moved.
 
-    .venv/bin/python benchmarks/scale.py [--sizes 1000,10000,100000] [--write-batch 8] [--images 8]
+Preprocessing throughput (section `preprocess`): a generated ImageNet-shaped tar of tars (25, 50, 100 inner tars
+of 4 small JPEGs made from the sample, the generator of tests/test_preprocess_scale.py) and a folder tree of the
+same images, each through the real job (pipelines.preprocess) on one local Ray with all of the machine's CPUs,
+alternated in the same run (order swapped every repeat, after an untimed warm-up), fastest of --repeats runs each;
+images/s of both, their ratio, and seconds and seconds per image at each size (how the time grows with inner tars).
 
-Sections are functions called by main(); a later section (e.g. preprocessing throughput on a tar of tars) adds
-its own function and one line in SECTIONS.
+    .venv/bin/python benchmarks/scale.py [--sections bookkeeping,object_store,preprocess]
+        [--sizes 1000,10000,100000] [--write-batch 8] [--images 8] [--inner-tars 25,50,100] [--per-inner 4]
+        [--repeats 3]
+
+Sections are functions called by main(), one entry each in SECTIONS; --sections runs a subset, in the given order.
 """
 
 from __future__ import annotations
@@ -28,6 +35,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import logging
 import os
 import pickle
 import platform
@@ -248,8 +256,134 @@ def run_object_store(images: int) -> list[dict]:
     return results
 
 
+# --- preprocessing throughput: a tar of tars against a folder of the same images ------------------------------------
+
+def small_jpeg(path: Path, index: int) -> bytes:
+    """A small JPEG (40-63 x 32-48 px) made from a sample photo; copied from tests/test_preprocess_scale.py."""
+    import io
+
+    from PIL import Image
+
+    with Image.open(path) as image:
+        small = image.convert("RGB").resize((40 + index % 24, 32 + index % 17))
+    out = io.BytesIO()
+    small.save(out, "JPEG", quality=85)
+    return out.getvalue()
+
+
+def build_tar_of_tars(path: Path, inner: int, per_inner: int) -> dict[str, bytes]:
+    """An ImageNet-shaped ILSVRC2012_img_train.tar: `inner` class tars n<8 digits>.tar of `per_inner` small JPEGs
+    each (the generator of tests/test_preprocess_scale.py without its truncated members); returns key -> bytes."""
+    import io
+    import tarfile
+
+    files = sorted(SAMPLE.glob("*.JPEG"))
+    images = {}
+    with tarfile.open(path, "w") as outer:
+        for i in range(inner):
+            wnid = f"n{i:08d}"
+            members = {f"{wnid}_{j}.JPEG": small_jpeg(files[(i * per_inner + j) % len(files)], i * per_inner + j)
+                       for j in range(per_inner)}
+            images |= {f"{wnid}/{name}": data for name, data in members.items()}
+            buf = io.BytesIO()
+            with tarfile.open(fileobj=buf, mode="w") as tar:
+                for name, data in members.items():
+                    info = tarfile.TarInfo(name)
+                    info.size = len(data)
+                    tar.addfile(info, io.BytesIO(data))
+            info = tarfile.TarInfo(f"{wnid}.tar")
+            info.size = buf.tell()
+            buf.seek(0)
+            outer.addfile(info, buf)
+    return images
+
+
+def write_folder(root: Path, images: dict[str, bytes]) -> None:
+    """The same images as a folder tree <root>/<wnid>/<file> (class folders, the same keys)."""
+    for key, data in images.items():
+        target = root / key
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_bytes(data)
+
+
+def preprocess_once(source: Path, dest: Path, settings: dict) -> float:
+    """Seconds of one run of the real preprocessing job (a fresh DEST), checked: rows + failures = inputs."""
+    import shutil
+
+    from pipelines.preprocess.job import PreprocessSettings, run_preprocess
+
+    start = time.perf_counter()
+    manifest = run_preprocess(PreprocessSettings(sources=[str(source)], dest=str(dest), **settings))
+    seconds = time.perf_counter() - start
+    stored = sum(s["images"] for s in manifest["splits"].values())
+    assert stored + manifest["failures"]["count"] == manifest["inputs"], manifest
+    assert manifest["failures"]["count"] == 0 and all(s["images"] > 0 for s in manifest["splits"].values())
+    shutil.rmtree(dest)
+    return seconds
+
+
+def run_preprocess_throughput(inner_sizes: list[int], per_inner: int, repeats: int) -> list[dict]:
+    """For each number of inner tars: the tar of tars and a folder of the same images, each through
+    pipelines.preprocess on one local Ray (all of this machine's CPUs), alternated (the order swapped every repeat)
+    after an untimed warm-up of both; the fastest of `repeats` runs of each. Work items have the same size on both
+    sides (min_rows_per_file = images per inner tar: a folder item holds as many files as an inner tar)."""
+    import ray
+
+    cpus = os.cpu_count() or 1
+    settings = {"heldout_fraction": 0.2, "train_crops": 1, "seed": 0, "min_rows_per_file": per_inner,
+                "batch_size": min(16, per_inner)}
+    os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
+    os.environ["RAY_DATA_LOG_LEVEL"] = "WARNING"  # Ray Data re-reads it whenever it reconfigures its logger
+    os.environ.pop("RAY_ADDRESS", None)
+    results = []
+    with tempfile.TemporaryDirectory(prefix="coltran-scale-") as tmp:
+        work = Path(tmp)
+        inputs = {}
+        for n in inner_sizes:
+            tar = work / f"in{n}" / "ILSVRC2012_img_train.tar"
+            tar.parent.mkdir()
+            images = build_tar_of_tars(tar, n, per_inner)
+            write_folder(work / f"in{n}" / "train", images)
+            inputs[n] = {"tar": tar, "folder": work / f"in{n}" / "train", "images": len(images),
+                         "tar_bytes": tar.stat().st_size}
+        ray.init(**{**RAY_ARGS, "num_cpus": cpus})
+        logging.getLogger("ray.data").setLevel(logging.WARNING)  # no per-dataset progress lines between tables
+        ray.data.DataContext.get_current().enable_progress_bars = False
+        try:
+            smallest = inputs[min(inner_sizes)]
+            for kind in ("tar", "folder"):  # warm-up: worker start-up and imports, not timed
+                preprocess_once(smallest[kind], work / f"warm-{kind}", settings)
+            runs = {(n, kind): [] for n in inner_sizes for kind in ("tar", "folder")}
+            for r in range(repeats):
+                for n in inner_sizes:
+                    for kind in (("tar", "folder") if r % 2 == 0 else ("folder", "tar")):
+                        runs[n, kind].append(preprocess_once(inputs[n][kind], work / f"out-{n}-{kind}-{r}", settings))
+        finally:
+            ray.shutdown()
+    load = os.getloadavg()
+    print(f"\npreprocessing throughput: ImageNet-shaped tar of tars (inner tars of {per_inner} small JPEGs, 40-63 x "
+          f"32-48 px) vs a folder tree of the same images, pipelines.preprocess on a local Ray with {cpus} CPUs; "
+          f"fastest of {repeats} alternating runs each; load average {load[0]:.1f} {load[1]:.1f} {load[2]:.1f}")
+    print(f"{'inner tars':>10} {'images':>7} {'tar s':>7} {'tar s/img':>9} {'tar img/s':>9} {'folder s':>8} "
+          f"{'folder s/img':>12} {'folder img/s':>12} {'tar/folder':>10}")
+    for n in inner_sizes:
+        tar_s, folder_s, images = min(runs[n, "tar"]), min(runs[n, "folder"]), inputs[n]["images"]
+        results.append({"inner": n, "images": images, "tar_bytes": inputs[n]["tar_bytes"], "tar_s": tar_s,
+                        "folder_s": folder_s, "tar_runs": runs[n, "tar"], "folder_runs": runs[n, "folder"]})
+        print(f"{n:>10} {images:>7} {tar_s:>7.2f} {tar_s / images:>9.4f} {images / tar_s:>9.1f} {folder_s:>8.2f} "
+              f"{folder_s / images:>12.4f} {images / folder_s:>12.1f} {folder_s / tar_s:>9.2f}x")
+    for small, large in zip(results, results[1:], strict=False):
+        print(f"growth {small['inner']} -> {large['inner']} inner tars (images x{large['images'] / small['images']:.1f}):"
+              f" tar time x{large['tar_s'] / small['tar_s']:.2f}, folder time x{large['folder_s'] / small['folder_s']:.2f}")
+    for r in results:
+        print(f"runs, s, {r['inner']} inner tars: tar " + " ".join(f"{t:.2f}" for t in r["tar_runs"]) + " | folder "
+              + " ".join(f"{t:.2f}" for t in r["folder_runs"]))
+    return results
+
+
 SECTIONS = {"bookkeeping": lambda a: run_bookkeeping(a.sizes, a.write_batch),
-            "object_store": lambda a: run_object_store(a.images)}
+            "object_store": lambda a: run_object_store(a.images),
+            "preprocess": lambda a: run_preprocess_throughput(a.inner_tars, a.per_inner, a.repeats)}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -257,7 +391,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sizes", default="1000,10000,100000", type=lambda s: [int(x) for x in s.split(",")])
     parser.add_argument("--write-batch", type=int, default=8, help="inputs per write batch (the job's default)")
     parser.add_argument("--images", type=int, default=8, help="photos for the object-store measurement")
-    parser.add_argument("--sections", default=",".join(SECTIONS), help=f"any of {', '.join(SECTIONS)}")
+    parser.add_argument("--inner-tars", default="25,50,100", type=lambda s: [int(x) for x in s.split(",")],
+                        help="sizes of the generated tar of tars, in inner tars (preprocess section)")
+    parser.add_argument("--per-inner", type=int, default=4, help="small JPEGs per inner tar (preprocess section)")
+    parser.add_argument("--repeats", type=int, default=3,
+                        help="alternating timed runs of the tar and the folder per size (preprocess section)")
+    parser.add_argument("--sections", default=",".join(SECTIONS), help=f"comma-separated, any of {', '.join(SECTIONS)}")
     parser.add_argument("--one", help=argparse.SUPPRESS)  # internal: one bookkeeping run, JSON on stdout
     args = parser.parse_args(argv)
     if args.one:
@@ -266,7 +405,11 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     print(f"benchmarks/scale.py on {platform.node()} ({os.cpu_count()} CPUs), "
           f"{datetime.datetime.now(datetime.UTC):%Y-%m-%d %H:%M} UTC")
-    for name in args.sections.split(","):
+    names = args.sections.split(",")
+    unknown = [name for name in names if name not in SECTIONS]
+    if unknown:
+        parser.error(f"unknown section(s) {unknown}; sections are {', '.join(SECTIONS)}")
+    for name in names:
         SECTIONS[name](args)
     return 0
 
