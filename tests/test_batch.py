@@ -95,6 +95,24 @@ def test_settings_are_strict():
     assert job.models.startswith("models:/@") and job.colorizer.pool_max >= job.colorizer.pool_min
 
 
+def test_compile_sampler_reaches_only_the_colorizer_actors_and_keeps_the_fingerprint():
+    from types import SimpleNamespace
+
+    from pipelines.batch.job import stage_actor_kwargs
+
+    base = {"sources": ["x"], "models": "m", "out": "o"}
+    compiled = load_settings(data=base, overrides=["compile_sampler=true"])
+    models = {stage: SimpleNamespace(ref=f"/m/{stage}") for stage in ("colorizer", "color_upsampler",
+                                                                       "spatial_upsampler")}
+    kwargs = {stage: stage_actor_kwargs(compiled, stage, models, "cpu") for stage in models}
+    assert [kwargs[stage]["compile_sampler"] for stage in models] == [True, False, False]
+    assert stage_actor_kwargs(load_settings(data=base), "colorizer", models, "cpu")["compile_sampler"] is False
+    # exact either way: a resumed run may switch it
+    assert compiled.fingerprint({}) == load_settings(data=base).fingerprint({})
+    with pytest.raises(ConfigError, match="compile_sampler"):
+        load_settings(data={**base, "compile_sampler": "yes"})
+
+
 def _part(key, status, attempt, stage="done", reason=None, minute=0):
     import datetime
 

@@ -133,7 +133,8 @@ def stage_actor_kwargs(settings: BatchSettings, stage: str, models: dict[str, St
         tracking_uri = registry_uri(settings)  # actors on other nodes download from the same server
     return {"checkpoint": models[stage].ref, "device": device, "weights": settings.weights,
             "num_threads": spec.num_threads, "micro_batch": spec.micro_batch,
-            "step_kwargs": step if stage == "colorizer" else None, "tracking_uri": tracking_uri}
+            "step_kwargs": step if stage == "colorizer" else None, "tracking_uri": tracking_uri,
+            "compile_sampler": settings.compile_sampler and stage == "colorizer"}
 
 
 def build_pipeline(settings: BatchSettings, ctx: JobContext, models: dict[str, StageModel], device: str,

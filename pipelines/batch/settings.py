@@ -67,6 +67,7 @@ class BatchSettings:
     s3_endpoint: str | None = None  # S3-compatible endpoint URL; default AWS_ENDPOINT_URL or AWS
     tracking_uri: str | None = None  # MLflow for models:/ URIs (driver and every actor); default MLFLOW_TRACKING_URI
     max_failed_fraction: float = 1.0  # exit 1 when more inputs than this fraction failed (1.0: bad inputs never do)
+    compile_sampler: bool = False  # torch.compile the colorizer's steps in each colorizer actor (docs/sampling.md)
     progress_every_s: float = 10.0  # seconds between progress lines (0: none)
     prepare: TaskSpec = field(default_factory=TaskSpec)
     colorizer: PoolSpec = field(default_factory=PoolSpec)
@@ -88,7 +89,8 @@ class BatchSettings:
         checks = [("num_samples", self.num_samples >= 1), ("seed", self.seed >= 0),
                   ("temperature", self.temperature > 0), ("jpeg_quality", 1 <= self.jpeg_quality <= 100),
                   ("max_pixels", self.max_pixels >= 1), ("min_side", self.min_side >= 1),
-                  ("max_failed_fraction", 0 <= self.max_failed_fraction <= 1)]
+                  ("max_failed_fraction", 0 <= self.max_failed_fraction <= 1),
+                  ("compile_sampler", isinstance(self.compile_sampler, bool))]
         for stage in ("prepare", "write"):
             spec = getattr(self, stage)
             checks += [(f"{stage}.batch_size", spec.batch_size >= 1), (f"{stage}.num_cpus", spec.num_cpus >= 0)]

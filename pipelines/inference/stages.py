@@ -28,7 +28,8 @@ class StageActor:
     STAGE: ClassVar[str] = ""
 
     def __init__(self, checkpoint: str, device: str, weights: str, num_threads: int, micro_batch: int,
-                 step_kwargs: dict[str, Any] | None = None, tracking_uri: str | None = None):
+                 step_kwargs: dict[str, Any] | None = None, tracking_uri: str | None = None,
+                 compile_sampler: bool = False):
         if device == "cpu":
             torch.set_num_threads(num_threads)
         if checkpoint.startswith("models:/"):
@@ -36,7 +37,9 @@ class StageActor:
 
             checkpoint = str(resolve_models(checkpoint, tracking_uri=tracking_uri))
         self.pipe = ColTranPipeline.for_stage(self.STAGE, checkpoint, device=device, weights=weights,
-                                              upsampler_batch_size=micro_batch)
+                                              upsampler_batch_size=micro_batch, compile_sampler=compile_sampler)
+        if self.STAGE == "colorizer":
+            self.pipe.warm_up_sampler()  # compiles now (when asked to), not inside the first batch
         self.step_kwargs = step_kwargs or {}
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
