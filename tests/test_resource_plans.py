@@ -127,6 +127,18 @@ def test_stage_pools_go_to_nodes_with_their_pool_label():
     assert all(p.pool_max == 1 for p in crowded.pools.values())
 
 
+def test_tasks_go_to_the_cpu_pool_when_it_holds_them():
+    pools = [Node(2, pool=stage) for stage in STAGE_ASKS]
+    plan = _plan("colorize", [Node(2, pool="cpu"), *pools])
+    assert plan.task_pool == "cpu" and plan.task_args() == {"label_selector": {"pool": "cpu"}}
+    assert "on pool=cpu" in plan.describe().splitlines()[-1]
+    assert _plan("colorize", [Node(2)]).task_args() == {}  # a laptop: no labels, no selector
+    assert _plan("colorize", [Node(8), *pools]).task_pool is None  # no CPU pool: tasks go anywhere
+    # a CPU pool too small for a reading task beside nothing: tasks stay unpinned rather than never placed
+    small = _plan("colorize", [Node(0.5, pool="cpu"), *pools])
+    assert small.task_pool is None and small.task_args() == {}
+
+
 def test_explicit_settings_are_kept_when_they_fit():
     plan = _plan("colorize", [Node(2)], colorizer=PoolSpec(num_cpus=0.5, pool_min=1, pool_max=1))
     assert plan.kind == "shared" and plan.pools["colorizer"].num_cpus == 0.5

@@ -91,14 +91,32 @@ def test_batch_job_colorized_every_photo_with_the_registered_models(cluster_flow
             assert out.mode == "RGB" and out.size == src.size == (row["width"], row["height"])
 
 
+def _state(cluster, kind: str, job_id: str) -> list[dict]:
+    """Ray's state API (`actors` or `tasks`) for one job, finished ones included."""
+    request = urllib.request.Request(f"{cluster.dashboard_url}/api/v0/{kind}?limit=10000&detail=1",
+                                     headers=cluster.headers)
+    with urllib.request.urlopen(request, timeout=60) as response:
+        return [a for a in json.load(response)["data"]["result"]["result"] if a.get("job_id") == job_id]
+
+
+def test_decode_and_write_tasks_ran_on_the_cpu_pool(cluster_flow, ray_pool_cluster):
+    """Placement, from Ray's state API: preprocessing's read-decode-write tasks and the colorize job's reading,
+    preparing and writing tasks ran on the CPU pool's node (the head here), never on a training/stage node."""
+    client = ray_pool_cluster.job_client()
+    cpu = ray_pool_cluster.node_ids["cpu"]
+    for job, markers in (("preprocess", ("process_items",)), ("colorize", ("prepare_batch", "write_batch"))):
+        tasks = _state(ray_pool_cluster, "tasks", client.get_job_info(cluster_flow.job_ids[job]).job_id)
+        for marker in markers:
+            nodes = {t.get("node_id") for t in tasks if marker in (t.get("name") or "")}
+            assert nodes == {cpu}, f"{job}: {marker} tasks on {nodes}, CPU pool node {cpu}; " \
+                                   f"tasks: {sorted({t.get('name') for t in tasks})}"
+
+
 def test_batch_stage_actors_ran_on_their_pools(cluster_flow, ray_pool_cluster):
     """Placement, from Ray's state API: the colorize job's actors of each stage (Ray Data's map workers, whose
     names carry the stage's actor class) ran on that stage's pool node only."""
     job_id = ray_pool_cluster.job_client().get_job_info(cluster_flow.job_ids["colorize"]).job_id
-    request = urllib.request.Request(f"{ray_pool_cluster.dashboard_url}/api/v0/actors?limit=10000&detail=1",
-                                     headers=ray_pool_cluster.headers)
-    with urllib.request.urlopen(request, timeout=60) as response:
-        actors = [a for a in json.load(response)["data"]["result"]["result"] if a.get("job_id") == job_id]
+    actors = _state(ray_pool_cluster, "actors", job_id)
     for stage, actor_class in zip(STAGES, ("ColorizerActor", "ColorUpsamplerActor", "SpatialUpsamplerActor"),
                                   strict=True):
         nodes = {a["node_id"] for a in actors if actor_class in (a.get("repr_name") or "") + a["class_name"]}

@@ -140,7 +140,7 @@ def stage_actor_kwargs(settings: BatchSettings, stage: str, models: dict[str, St
 def build_pipeline(settings: BatchSettings, ctx: JobContext, models: dict[str, StageModel], device: str,
                    plan: ResourcePlan):
     """The streaming dataset of (key, status) rows; iterating it runs the job; `plan` places the actor pools."""
-    ds, parquet_sources = build_inputs(settings, ctx)
+    ds, parquet_sources = build_inputs(settings, ctx, plan.task_args())
     if parquet_sources and settings.resolution == "full":
         print(f"note: {parquet_sources} are preprocessed Parquet, which holds no full-resolution pixels: their "
               "outputs are 256x256 of the crops stored there (manifest column resolution='256')", file=sys.stderr)
@@ -153,7 +153,7 @@ def build_pipeline(settings: BatchSettings, ctx: JobContext, models: dict[str, S
                             fn_constructor_kwargs=stage_actor_kwargs(settings, stage, models, device),
                             **plan.pools[stage].map_args())
     return ds.map_batches(write_batch, batch_size=settings.write.batch_size, batch_format="numpy",
-                          num_cpus=settings.write.num_cpus, fn_kwargs={"ctx": ctx})
+                          num_cpus=settings.write.num_cpus, **plan.task_args(), fn_kwargs={"ctx": ctx})
 
 
 @dataclass

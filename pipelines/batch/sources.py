@@ -82,8 +82,11 @@ def parquet_batch(batch: pa.Table, *, ctx: JobContext, source: str, prefix: str)
     return out
 
 
-def build_inputs(settings: BatchSettings, ctx: JobContext) -> tuple[ray.data.Dataset, list[str]]:
-    """The prepared rows of every source, and the sources that are Parquet (their outputs are 256x256)."""
+def build_inputs(settings: BatchSettings, ctx: JobContext,
+                 task_args: dict | None = None) -> tuple[ray.data.Dataset, list[str]]:
+    """The prepared rows of every source, and the sources that are Parquet (their outputs are 256x256); `task_args`
+    place the reading and preparing tasks (the resource plan's CPU pool)."""
+    task_args = task_args or {}
     parts, parquet_sources = [], []
     for src in settings.sources:
         fs, path = resolve_path(src, s3_endpoint=settings.s3_endpoint)
@@ -91,16 +94,17 @@ def build_inputs(settings: BatchSettings, ctx: JobContext) -> tuple[ray.data.Dat
         if found is not None:
             parquet_sources.append(src)
             for location, prefix in found:
-                ds = ray.data.read_parquet(location, filesystem=fs).select_columns(PARQUET_COLUMNS)
+                ds = ray.data.read_parquet(location, filesystem=fs, ray_remote_args=task_args)
+                ds = ds.select_columns(PARQUET_COLUMNS)
                 parts.append(ds.map_batches(parquet_batch, batch_format="pyarrow", batch_size=settings.prepare.batch_size,
-                                            num_cpus=settings.prepare.num_cpus,
+                                            num_cpus=settings.prepare.num_cpus, **task_args,
                                             fn_kwargs={"ctx": ctx, "source": src, "prefix": prefix}))
             continue
         plan = plan_sources([src], infer_labels=False, s3_endpoint=settings.s3_endpoint)
         # Archive members too are filtered before they are read: a duplicate member, whose error row shares its key
         # with a finished image, is not seen again, and the merge keeps its earlier row (manifest.merge_parts).
         key_filter = NotDone(ctx.labels.get(src, ""), ctx.done) if ctx.done else None
-        parts.append(plan.to_dataset(key_filter).map_batches(
+        parts.append(plan.to_dataset(key_filter, task_args=task_args).map_batches(
             prepare_batch, batch_format="numpy", batch_size=settings.prepare.batch_size,
-            num_cpus=settings.prepare.num_cpus, fn_kwargs={"ctx": ctx}))
+            num_cpus=settings.prepare.num_cpus, **task_args, fn_kwargs={"ctx": ctx}))
     return (parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0]), parquet_sources

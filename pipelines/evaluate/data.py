@@ -133,22 +133,23 @@ def image_rows(batch: dict, *, labels: dict[str, str], seed: int) -> dict:
 
 
 def rows_dataset(chosen: list[Candidate], *, split: str, seed: int, s3_endpoint: str | None = None,
-                 batch_size: int = 8, num_cpus: float = 0.25) -> ray.data.Dataset:
-    """Evaluation rows {key, seed, was_grayscale, gray_64, gray_256, rgb_64, truth_256} of the chosen images."""
-    parts = []
+                 batch_size: int = 8, num_cpus: float = 0.25, task_args: dict | None = None) -> ray.data.Dataset:
+    """Evaluation rows {key, seed, was_grayscale, gray_64, gray_256, rgb_64, truth_256} of the chosen images;
+    `task_args` place the reading tasks (the resource plan's CPU pool)."""
+    parts, task_args = [], task_args or {}
     for source in sorted({c.source for c in chosen}):
         labels = {c.raw_key: c.key for c in chosen if c.source == source}
         parquet = _parquet_location(source, split, s3_endpoint)
-        common = {"batch_size": batch_size, "num_cpus": num_cpus}
+        common = {"batch_size": batch_size, "num_cpus": num_cpus, **task_args}
         if parquet is not None:
             fs, location = parquet
             columns = ["key", "crop_index", "was_grayscale", "gray_64", "gray_256", "rgb_64", "rgb_256"]
-            ds = ray.data.read_parquet(location, filesystem=fs).select_columns(columns)
+            ds = ray.data.read_parquet(location, filesystem=fs, ray_remote_args=task_args).select_columns(columns)
             parts.append(ds.map_batches(parquet_rows, batch_format="pyarrow", **common,
                                         fn_kwargs={"labels": labels, "seed": seed}))
         else:
             plan = plan_sources([source], infer_labels=False, s3_endpoint=s3_endpoint)
-            ds = plan.to_dataset(KeySet(frozenset(labels)))
+            ds = plan.to_dataset(KeySet(frozenset(labels)), task_args=task_args)
             parts.append(ds.map_batches(image_rows, batch_format="numpy", **common,
                                         fn_kwargs={"labels": labels, "seed": seed}))
     return parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0]

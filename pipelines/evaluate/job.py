@@ -169,7 +169,8 @@ def run_evaluation(settings: EvalSettings, *, ray_address: str | None = None) ->
     plan = resource_plan(settings, device)  # before any image is read: a plan that cannot be placed stops here
     evaluated, reference = _select_sets(settings)
     common = {"split": settings.split, "seed": settings.seed, "s3_endpoint": settings.s3_endpoint,
-              "batch_size": settings.prepare.batch_size, "num_cpus": settings.prepare.num_cpus}
+              "batch_size": settings.prepare.batch_size, "num_cpus": settings.prepare.num_cpus,
+              "task_args": plan.task_args()}
     eval_rows, ref_rows = rows_dataset(evaluated, **common), rows_dataset(reference, **common)
     by_role = digests({"evaluated": eval_rows, "reference": ref_rows})
     found, ref_found = by_role["evaluated"], by_role["reference"]

@@ -24,6 +24,7 @@ READ_TASK_CPUS = 1.0  # Ray Data's default CPU share of a task, kept by the shar
 MIN_SHARE = 0.01  # the smallest CPU or GPU share an actor of a shared plan gets (Ray's grain is 0.0001)
 TASK_SHARE = 8  # a dedicated plan keeps 1/TASK_SHARE of the CPUs (at least one task's worth) for the CPU tasks
 EPS = 1e-6
+TASK_POOL = "cpu"  # the node label of cluster/'s CPU pool: reading, decoding and writing tasks go there when it fits
 
 
 class PlanError(RuntimeError):
@@ -103,6 +104,11 @@ class ResourcePlan:
     cluster: Cluster
     waits_for_nodes: bool = False  # placeable only once the autoscaler has added nodes
     max_fits: bool = True  # the pools at pool_max fit too (else Ray Data grows them only as far as CPUs allow)
+    task_pool: str | None = None  # node label pool=<this> the CPU tasks are pinned to (None: any node)
+
+    def task_args(self) -> dict:
+        """The `map_batches` arguments that place the job's CPU tasks (reading, decoding, writing)."""
+        return {"label_selector": {"pool": self.task_pool}} if self.task_pool else {}
 
     def describe(self) -> str:
         why = {"dedicated": "each pool has actors of its own CPUs",
@@ -114,7 +120,8 @@ class ResourcePlan:
         lines += [f"  {name:<{width}}  {pool.describe()}" for name, pool in self.pools.items()]
         spare = sum(n.cpus * n.count for n in self.cluster.nodes) - sum(a[0] for a in _actors(self.pools, "pool_max"))
         lines.append(f"  {'tasks':<{width}}  up to {_num(self.task_cpus)} CPU each (reading, decoding, writing); "
-                     f"{_count(round(max(spare, self.task_cpus), 2), 'CPU')} left to them")
+                     f"{_count(round(max(spare, self.task_cpus), 2), 'CPU')} left to them"
+                     + (f", on pool={self.task_pool}" if self.task_pool else ""))
         if not self.max_fits:
             lines.append("  (the pools at pool_max do not all fit at once: Ray Data grows them only as far as the "
                          "cluster allows)")
@@ -210,12 +217,15 @@ def _pack(actors: list[Actor], free: list[list]) -> bool:
     return True
 
 
-def fits(actors: list[Actor], task_cpus: float, nodes: Sequence[Node], pinned: bool = True) -> bool:
+def fits(actors: list[Actor], task_cpus: float, nodes: Sequence[Node], pinned: bool = True,
+         task_pool: str | None = None) -> bool:
     """Whether all `actors` and one task of `task_cpus` can run at once (the task's CPUs kept on each node shape in
-    turn, the actors packed around it). `pinned=False` ignores labels (nodes an autoscaler would add)."""
+    turn, on nodes labelled `task_pool` only when given, the actors packed around it). `pinned=False` ignores
+    labels (nodes an autoscaler would add)."""
     expanded = [n for n in nodes for _ in range(min(n.count, len(actors) + 1))]
     actors = actors if pinned else [(c, g, None) for c, g, _ in actors]
-    shapes = {(n.cpus, n.gpus, n.pool): i for i, n in enumerate(expanded) if n.cpus >= task_cpus - EPS}
+    shapes = {(n.cpus, n.gpus, n.pool): i for i, n in enumerate(expanded)
+              if n.cpus >= task_cpus - EPS and (task_pool is None or n.pool == task_pool)}
     for at in shapes.values():
         free = [[n.cpus - (task_cpus if i == at else 0.0), n.gpus, n.pool] for i, n in enumerate(expanded)]
         if _pack(actors, free):
@@ -294,7 +304,11 @@ def plan_pools(job: str, specs: dict[str, PoolSpec], asks: dict[str, StageAsk], 
                                                                              device, cluster.nodes))
         if not fits(_actors(pools, "pool_min"), task_cpus, cluster.nodes):
             raise PlanError(refusal(job, pools, task_cpus, device, cluster))
-    return ResourcePlan(job, kind, pools, task_cpus, device, cluster,
+    # Tasks go to the CPU pool when the cluster has one that holds them beside the actors; never at the price of
+    # a plan that could not be placed.
+    task_pool = TASK_POOL if TASK_POOL in labels and fits(_actors(pools, "pool_min"), task_cpus, cluster.nodes,
+                                                          task_pool=TASK_POOL) else None
+    return ResourcePlan(job, kind, pools, task_cpus, device, cluster, task_pool=task_pool,
                         max_fits=fits(_actors(pools, "pool_max"), task_cpus, cluster.nodes))
 
 

@@ -89,8 +89,10 @@ class SourcePlan:
             item["id"] = f"{item['kind']}-{hashlib.sha1(json.dumps(item, sort_keys=True).encode()).hexdigest()[:16]}"
         return items
 
-    def to_dataset(self, key_filter: KeyFilter | None = None, rows_per_block: int = 32) -> ray.data.Dataset:
-        """The rows of every source whose key passes `key_filter` (a picklable function of the key).
+    def to_dataset(self, key_filter: KeyFilter | None = None, rows_per_block: int = 32,
+                   task_args: dict | None = None) -> ray.data.Dataset:
+        """The rows of every source whose key passes `key_filter` (a picklable function of the key); `task_args`
+        (e.g. a label_selector) place the reading tasks.
 
         Loose files are filtered on the listing, before they are read, and read inside the task that consumes
         them, `rows_per_block` files to a block (so a consumer that writes one file per block gets files of that
@@ -104,14 +106,15 @@ class SourcePlan:
                 listing = pa.table({"path": paths})
                 ds = ray.data.from_arrow([listing.slice(i, rows_per_block)
                                           for i in range(0, len(paths), rows_per_block)])
-                parts.append(ds.map_batches(_file_rows, batch_format="pyarrow", batch_size=None,
+                parts.append(ds.map_batches(_file_rows, batch_format="pyarrow", batch_size=None, **(task_args or {}),
                                             fn_kwargs={"filesystem": fs, "roots": roots, "labeling": self.labeling,
                                                        "limit": self.limits.member_bytes}))
         items = self.work_items(rows_per_block, key_filter, files=False)
         if items:
             ds = ray.data.from_items(items, override_num_blocks=len(items))
-            ds = ds.flat_map(_item_rows, fn_kwargs={"plan": self.for_tasks(), "key_filter": key_filter})
-            parts.append(ds.map_batches(_conform, batch_format="pyarrow", batch_size=None,
+            ds = ds.flat_map(_item_rows, **(task_args or {}),
+                             fn_kwargs={"plan": self.for_tasks(), "key_filter": key_filter})
+            parts.append(ds.map_batches(_conform, batch_format="pyarrow", batch_size=None, **(task_args or {}),
                                         fn_kwargs={"labeling": self.labeling}))
         if not parts:
             return ray.data.from_arrow(SOURCE_SCHEMA.empty_table())

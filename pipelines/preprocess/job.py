@@ -88,6 +88,17 @@ def _is_object_store(fs: pafs.FileSystem) -> bool:
     return fs.type_name in ("s3", "gcs")
 
 
+def _cpu_pool_placement() -> dict:
+    """Pin the tasks to cluster/'s CPU pool (nodes labelled pool=cpu) when the cluster has a node there that can run
+    one; else no selector (a laptop, a cluster without pools). The batch and evaluation jobs do the same through
+    their resource plan (pipelines.inference.plan.TASK_POOL)."""
+    for node in ray.nodes():
+        if (node.get("Alive") and (node.get("Labels") or {}).get("pool") == "cpu"
+                and (node.get("Resources") or {}).get("CPU", 0.0) >= TASK_CPUS):
+            return {"label_selector": {"pool": "cpu"}}
+    return {}
+
+
 def _write_items(plan: SourcePlan, items: list[dict[str, Any]], done: set[str], settings: PreprocessSettings,
                  fs: pafs.FileSystem, dest: str) -> dict[str, int]:
     """Run the work items not finished yet, one fused read -> decode -> write task each (TASK_CPUS): neither bytes
@@ -97,7 +108,10 @@ def _write_items(plan: SourcePlan, items: list[dict[str, Any]], done: set[str], 
     if not todo:
         return concurrency([])
     ds = ray.data.from_items([{"item": json.dumps(item)} for item in todo], override_num_blocks=len(todo))
-    ds = ds.map_batches(process_items, batch_size=1, batch_format="pyarrow", num_cpus=TASK_CPUS,
+    placement = _cpu_pool_placement()  # decoding belongs on the CPU pool, not on training nodes
+    if placement:
+        log.info("preprocess: tasks on the nodes labelled %s", placement["label_selector"])
+    ds = ds.map_batches(process_items, batch_size=1, batch_format="pyarrow", num_cpus=TASK_CPUS, **placement,
                         fn_kwargs={"plan": plan.for_tasks(), "settings": dataclasses.asdict(settings), "fs": fs,
                                    "dest": dest})
     # Ray Data's per-operator reservation would hold back CPUs for operators that are cheap here (measured on
