@@ -14,6 +14,7 @@ import pyarrow.parquet as pq
 import pytest
 from layouts import local_ray
 
+from coltran.configs import ConfigError
 from pipelines.batch.settings import PoolSpec
 from pipelines.batch.settings import load_settings as batch_settings
 from pipelines.cli import main as coltran_main
@@ -137,6 +138,25 @@ def test_tasks_go_to_the_cpu_pool_when_it_holds_them():
     # a CPU pool too small for a reading task beside nothing: tasks stay unpinned rather than never placed
     small = _plan("colorize", [Node(0.5, pool="cpu"), *pools])
     assert small.task_pool is None and small.task_args() == {}
+
+
+
+def test_pools_and_tasks_follow_the_pool_settings():
+    nodes = [Node(2, pool="cpu"), Node(2, pool="gpu-a"), Node(2, pool="gpu-b")]
+    plan = plan_pools("colorize", _batch_specs(colorizer=PoolSpec(pool="gpu-a"), color_upsampler=PoolSpec(pool="gpu-b"),
+                                               spatial_upsampler=PoolSpec(pool="gpu-b")),
+                      STAGE_ASKS, task_cpus=READ_TASK_CPUS, device="cpu", cluster=Cluster(tuple(nodes)),
+                      task_pool="gpu-a")
+    assert [p.label for p in plan.pools.values()] == ["gpu-a", "gpu-b", "gpu-b"] and plan.task_pool == "gpu-a"
+    with pytest.raises(PlanError, match="pool=nowhere"):  # a pool the cluster lacks is refused, not waited for
+        plan_pools("colorize", _batch_specs(colorizer=PoolSpec(pool="nowhere")), STAGE_ASKS,
+                   task_cpus=READ_TASK_CPUS, device="cpu", cluster=Cluster(tuple(nodes)))
+    with pytest.raises(PlanError, match="tasks are asked to run on pool=nowhere"):
+        plan_pools("colorize", _batch_specs(), STAGE_ASKS, task_cpus=READ_TASK_CPUS, device="cpu",
+                   cluster=Cluster(tuple(nodes)), task_pool="nowhere")
+    with pytest.raises(ConfigError, match="write.pool"):
+        batch_settings(data={"sources": ["x"], "models": "m", "out": "o", "prepare": {"pool": "cpu"},
+                            "write": {"pool": "other"}})
 
 
 def test_explicit_settings_are_kept_when_they_fit():

@@ -114,7 +114,8 @@ def resolve_stage_models(spec: str, tracking_uri: str | None = None,
 def resource_plan(settings: BatchSettings, device: str) -> ResourcePlan:
     """The job's actor pools and task share sized from the connected cluster (printed; PlanError if unplaceable)."""
     return make_plan("colorize", {stage: getattr(settings, stage) for stage in STAGE_NAMES}, STAGE_ASKS,
-                     task_cpus=max(READ_TASK_CPUS, settings.prepare.num_cpus, settings.write.num_cpus), device=device)
+                     task_cpus=max(READ_TASK_CPUS, settings.prepare.num_cpus, settings.write.num_cpus), device=device,
+                     task_pool=settings.prepare.pool)
 
 
 def registry_uri(settings: BatchSettings) -> str:

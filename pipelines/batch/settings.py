@@ -22,6 +22,7 @@ class TaskSpec:
 
     batch_size: int = 8  # images per task batch (the write stage writes one manifest part per batch)
     num_cpus: float = 0.25
+    pool: str | None = None  # node label pool=<this> for the job's CPU tasks (null: `cpu` when the cluster has it)
 
 
 @dataclass
@@ -36,6 +37,7 @@ class PoolSpec:
     num_gpus: float | None = None  # GPUs per actor when the job runs on CUDA (ignored on CPU; null: per stage)
     num_threads: int = 1  # torch CPU threads per actor (the colorizer's pixel loop is single-threaded anyway)
     micro_batch: int = 4  # upsamplers: images per forward pass (their logits are large: 200 MB/image at 256)
+    pool: str | None = None  # node label pool=<this> for the actors (null: the stage's own name when a node has it)
 
     def problems(self, name: str) -> list[str]:
         """The out-of-range settings of this pool, named `name.key`."""
@@ -90,7 +92,8 @@ class BatchSettings:
                   ("temperature", self.temperature > 0), ("jpeg_quality", 1 <= self.jpeg_quality <= 100),
                   ("max_pixels", self.max_pixels >= 1), ("min_side", self.min_side >= 1),
                   ("max_failed_fraction", 0 <= self.max_failed_fraction <= 1),
-                  ("compile_sampler", isinstance(self.compile_sampler, bool))]
+                  ("compile_sampler", isinstance(self.compile_sampler, bool)),
+                  ("write.pool", self.write.pool in (None, self.prepare.pool))]  # one placement for all tasks
         for stage in ("prepare", "write"):
             spec = getattr(self, stage)
             checks += [(f"{stage}.batch_size", spec.batch_size >= 1), (f"{stage}.num_cpus", spec.num_cpus >= 0)]

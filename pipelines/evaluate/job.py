@@ -64,7 +64,8 @@ def resource_plan(settings: EvalSettings, device: str) -> ResourcePlan:
     """The job's actor pools sized from the connected cluster (printed; PlanError at once if unplaceable)."""
     pools = [name for name in POOLS if name != "bits" or settings.bits_per_dim]
     return make_plan("evaluate", {name: getattr(settings, name) for name in pools}, ASKS,
-                     task_cpus=max(READ_TASK_CPUS, settings.prepare.num_cpus), device=device)
+                     task_cpus=max(READ_TASK_CPUS, settings.prepare.num_cpus), device=device,
+                     task_pool=settings.prepare.pool)
 
 
 def _pool(ds, actor, settings: EvalSettings, name: str, plan: ResourcePlan, **kwargs):

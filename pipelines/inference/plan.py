@@ -147,9 +147,10 @@ def job_device(setting: str) -> str:
 
 
 def make_plan(job: str, specs: dict[str, PoolSpec], asks: dict[str, StageAsk], *, task_cpus: float,
-              device: str) -> ResourcePlan:
+              device: str, task_pool: str | None = None) -> ResourcePlan:
     """The plan on the connected Ray cluster, printed to stderr; PlanError at once if it can never be placed."""
-    plan = plan_pools(job, specs, asks, task_cpus=task_cpus, device=device, cluster=cluster_from_ray())
+    plan = plan_pools(job, specs, asks, task_cpus=task_cpus, device=device, cluster=cluster_from_ray(),
+                      task_pool=task_pool)
     print(plan.describe(), file=sys.stderr, flush=True)
     return plan
 
@@ -244,8 +245,8 @@ def _start(specs: dict[str, PoolSpec], asks: dict[str, StageAsk], labels: set, d
         size = spec.pool_min or 1
         cpu = spec.num_cpus if spec.num_cpus is not None else (cpus or {}).get(name, ask.cpus)
         gpu = spec.num_gpus if spec.num_gpus is not None else (gpus or {}).get(name, ask.gpus)
-        out[name] = PoolPlan(size, max(size, spec.pool_max or size), cpu, gpu if device == "cuda" else 0.0,
-                             name if name in labels else None)
+        label = spec.pool or (name if name in labels else None)  # an explicit pool is kept, placeable or not
+        out[name] = PoolPlan(size, max(size, spec.pool_max or size), cpu, gpu if device == "cuda" else 0.0, label)
     return out
 
 
@@ -289,9 +290,10 @@ def _shares(specs: dict[str, PoolSpec], asks: dict[str, StageAsk], pools: dict[s
 
 
 def plan_pools(job: str, specs: dict[str, PoolSpec], asks: dict[str, StageAsk], *, task_cpus: float, device: str,
-               cluster: Cluster) -> ResourcePlan:
+               cluster: Cluster, task_pool: str | None = None) -> ResourcePlan:
     """The plan for `specs` (pool settings, null = the plan's choice) on `cluster`; PlanError if it can never be
-    placed there. A pool is pinned to nodes labelled pool=<its name> when the cluster has such nodes."""
+    placed there. A pool is pinned to nodes labelled pool=<its `pool` setting>, else pool=<its name> when the
+    cluster has such nodes; the CPU tasks to pool=<task_pool> when given, else pool=cpu when that fits."""
     labels = {n.pool for n in cluster.nodes if n.pool}
     pools = _start(specs, asks, labels, device)
     if fits(_actors(pools, "pool_min"), task_cpus, cluster.nodes):
@@ -306,8 +308,14 @@ def plan_pools(job: str, specs: dict[str, PoolSpec], asks: dict[str, StageAsk], 
             raise PlanError(refusal(job, pools, task_cpus, device, cluster))
     # Tasks go to the CPU pool when the cluster has one that holds them beside the actors; never at the price of
     # a plan that could not be placed.
-    task_pool = TASK_POOL if TASK_POOL in labels and fits(_actors(pools, "pool_min"), task_cpus, cluster.nodes,
-                                                          task_pool=TASK_POOL) else None
+    if task_pool is not None:  # asked for: it must hold a task beside the actors
+        if not fits(_actors(pools, "pool_min"), task_cpus, cluster.nodes, task_pool=task_pool):
+            raise PlanError(f"{job}: the tasks are asked to run on pool={task_pool}, but no node labelled so can "
+                            f"hold a task of {_num(task_cpus)} CPU beside the actors; the cluster has "
+                            f"{cluster.describe()}. Set the tasks' pool to null (pool=cpu when it fits, else any "
+                            "node) or to a pool the cluster has.")
+    elif TASK_POOL in labels and fits(_actors(pools, "pool_min"), task_cpus, cluster.nodes, task_pool=TASK_POOL):
+        task_pool = TASK_POOL
     return ResourcePlan(job, kind, pools, task_cpus, device, cluster, task_pool=task_pool,
                         max_fits=fits(_actors(pools, "pool_max"), task_cpus, cluster.nodes))
 
