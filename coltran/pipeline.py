@@ -59,7 +59,7 @@ class ColTranPipeline:
 
     def __init__(self, colorizer=None, color_upsampler=None, spatial_upsampler=None, *,
                  device: str | torch.device | None = None, model_info: dict | None = None,
-                 upsampler_batch_size: int = 4, compile_sampler: bool = False):
+                 upsampler_batch_size: int = 4, compile_sampler: bool = False, bf16: bool | None = None):
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         models = {"colorizer": colorizer, "color_upsampler": color_upsampler, "spatial_upsampler": spatial_upsampler}
         for stage, model in models.items():
@@ -67,6 +67,9 @@ class ColTranPipeline:
         self.model_info = model_info or {}
         self.upsampler_batch_size = upsampler_batch_size
         self.compile_sampler = compile_sampler  # torch.compile the colorizer's steps (docs/sampling.md)
+        # bf16 autocast (head and draw stay float32): default on CUDA; on a CPU with bf16 units it pays for large
+        # models (docs/sampling.md), fp32 stays the exact default there
+        self.bf16 = self.device.type == "cuda" if bf16 is None else bf16
         sides = {stage: tuple(m.config.resolution) for stage, m in models.items() if m is not None}
         low = {side for stage, side in sides.items() if stage != "spatial_upsampler"}
         if len(low) > 1 or (low and "spatial_upsampler" in sides
@@ -117,9 +120,9 @@ class ColTranPipeline:
         return any(info.get("untrained") for info in self.model_info.values())
 
     def _autocast(self):
-        """bf16 autocast on CUDA; exact fp32 on CPU."""
-        if self.device.type == "cuda":
-            return torch.autocast("cuda", dtype=torch.bfloat16)
+        """bf16 autocast when `bf16` (by default on CUDA); exact fp32 otherwise."""
+        if self.bf16:
+            return torch.autocast(self.device.type, dtype=torch.bfloat16)
         return contextlib.nullcontext()
 
     # 1.

@@ -2,11 +2,13 @@
 same code): logits stay float32 and within LOGIT_TOL of fp32, the key/value caches live in bf16, and the
 argmax samples agree on at least 99 % of pixels."""
 
+import numpy as np
 import pytest
 import torch
 
 from coltran.configs import apply_overrides, preset
 from coltran.models import build_model
+from coltran.pipeline import ColTranPipeline
 from coltran.sampling import sample_colorizer
 from coltran.transforms import rgb_to_gray
 
@@ -89,3 +91,16 @@ def test_bf16_sampler_agrees_with_fp32(trained, compile):
           f"max |probability error| {err:.4f}")
     assert agree >= 0.99, agree
     assert err < PROB_TOL, err
+
+
+def test_pipeline_bf16_option_on_cpu(trained):
+    """ColTranPipeline(bf16=True) on a CPU runs the colorizer under bf16 autocast (what CUDA gets by default):
+    argmax colourings agree with the fp32 pipeline on >= 99 % of pixels; the default on a CPU stays fp32."""
+    model, _ = trained
+    gray = blocky_images(2000, 4)["gray_64"].numpy().astype(np.uint8)
+    fp32 = ColTranPipeline(colorizer=model, device="cpu")
+    bf16 = ColTranPipeline(colorizer=model, device="cpu", bf16=True)
+    assert not fp32.bf16 and bf16.bf16
+    same = (bf16.colorize(gray, range(4), mode="argmax") == fp32.colorize(gray, range(4), mode="argmax")).all(-1)
+    print(f"bf16 pipeline: argmax agreement {same.mean():.4f}")
+    assert same.mean() >= 0.99
