@@ -14,7 +14,31 @@ class LimitExceeded(Exception):
     """An archive asked for more than its limits allow; str() is "reason: message"."""
 
 
-class Window(io.RawIOBase):
+class _Reader(io.RawIOBase):
+    """A raw stream defined by its read(): readinto for io's buffered wrappers."""
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, b: Any) -> int:
+        data = self.read(len(b))
+        b[:len(data)] = data
+        return len(data)
+
+
+class _Positioned(_Reader):
+    """A seekable reader that keeps its position in `pos`."""
+
+    pos: int
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self.pos
+
+
+class Window(_Positioned):
     """Bytes [start, start + size) of a seekable file (a pyarrow file, local or S3), read ahead in READ_AHEAD
     pieces that never cross the window's end: an inner tar of a tar of tars is read by offset, and the bytes
     fetched are the window's bytes and no more."""
@@ -22,15 +46,6 @@ class Window(io.RawIOBase):
     def __init__(self, file: Any, start: int, size: int, read_ahead: int = READ_AHEAD) -> None:
         self.file, self.start, self.size, self.pos, self.read_ahead = file, start, size, 0, read_ahead
         self.buf, self.buf_at = b"", 0
-
-    def readable(self) -> bool:
-        return True
-
-    def seekable(self) -> bool:
-        return True
-
-    def tell(self) -> int:
-        return self.pos
 
     def seek(self, offset: int, whence: int = 0) -> int:
         self.pos = max(0, min(self.size, (0, self.pos, self.size)[whence] + offset))
@@ -49,13 +64,8 @@ class Window(io.RawIOBase):
         self.pos += len(data)
         return data
 
-    def readinto(self, b: Any) -> int:
-        data = self.read(len(b))
-        b[:len(data)] = data
-        return len(data)
 
-
-class Expansion(io.RawIOBase):
+class Expansion(_Positioned):
     """The decompressed bytes of an archive as tarfile reads them, within its limits: one read may not ask for
     more than a member cap (tarfile reads a long-name or pax header whole), the position may not pass the budget,
     forward seeks read and discard (or seek, when nothing is decompressed), and the last bytes are kept for the
@@ -65,15 +75,6 @@ class Expansion(io.RawIOBase):
         self.raw, self.budget, self.max_read, self.can_seek = raw, budget, max_read, seekable
         self.pos = self.raw_pos = 0
         self.tail = b""
-
-    def readable(self) -> bool:
-        return True
-
-    def seekable(self) -> bool:
-        return True
-
-    def tell(self) -> int:
-        return self.pos
 
     def read(self, n: int = -1) -> bytes:
         if n is None or n < 0 or n > self.max_read:
@@ -115,14 +116,11 @@ class Expansion(io.RawIOBase):
         return self.pos
 
 
-class Prepend(io.RawIOBase):
+class Prepend(_Reader):
     """`head` followed by the rest of `raw`: the magic bytes read back in front of a forward-only stream."""
 
     def __init__(self, head: bytes, raw: BinaryIO) -> None:
         self.head, self.raw = head, raw
-
-    def readable(self) -> bool:
-        return True
 
     def read(self, n: int = -1) -> bytes:
         if self.head:
@@ -131,20 +129,12 @@ class Prepend(io.RawIOBase):
             return out
         return self.raw.read(n)
 
-    def readinto(self, b: Any) -> int:
-        data = self.read(len(b))
-        b[:len(data)] = data
-        return len(data)
 
-
-class Sub(io.RawIOBase):
+class Sub(_Reader):
     """The next `size` bytes of a forward-only parent stream: an inner archive inside a compressed tar."""
 
     def __init__(self, parent: Expansion, size: int) -> None:
         self.parent, self.size, self.left = parent, size, size
-
-    def readable(self) -> bool:
-        return True
 
     def seekable(self) -> bool:
         return isinstance(self.parent.raw, Window) and self.parent.can_seek
