@@ -258,43 +258,13 @@ def run_object_store(images: int) -> list[dict]:
 
 # --- preprocessing throughput: a tar of tars against a folder of the same images ------------------------------------
 
-def small_jpeg(path: Path, index: int) -> bytes:
-    """A small JPEG (40-63 x 32-48 px) made from a sample photo; copied from tests/test_preprocess_scale.py."""
-    import io
-
-    from PIL import Image
-
-    with Image.open(path) as image:
-        small = image.convert("RGB").resize((40 + index % 24, 32 + index % 17))
-    out = io.BytesIO()
-    small.save(out, "JPEG", quality=85)
-    return out.getvalue()
-
-
 def build_tar_of_tars(path: Path, inner: int, per_inner: int) -> dict[str, bytes]:
-    """An ImageNet-shaped ILSVRC2012_img_train.tar: `inner` class tars n<8 digits>.tar of `per_inner` small JPEGs
-    each (the generator of tests/test_preprocess_scale.py without its truncated members); returns key -> bytes."""
-    import io
-    import tarfile
+    """An ImageNet-shaped ILSVRC2012_img_train.tar of `inner` class tars of `per_inner` small JPEGs made from the
+    sample (the generator tests/test_preprocess_scale.py uses, without truncated members); returns key -> bytes."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+    from corpus import build_tar_of_tars as build
 
-    files = sorted(SAMPLE.glob("*.JPEG"))
-    images = {}
-    with tarfile.open(path, "w") as outer:
-        for i in range(inner):
-            wnid = f"n{i:08d}"
-            members = {f"{wnid}_{j}.JPEG": small_jpeg(files[(i * per_inner + j) % len(files)], i * per_inner + j)
-                       for j in range(per_inner)}
-            images |= {f"{wnid}/{name}": data for name, data in members.items()}
-            buf = io.BytesIO()
-            with tarfile.open(fileobj=buf, mode="w") as tar:
-                for name, data in members.items():
-                    info = tarfile.TarInfo(name)
-                    info.size = len(data)
-                    tar.addfile(info, io.BytesIO(data))
-            info = tarfile.TarInfo(f"{wnid}.tar")
-            info.size = buf.tell()
-            buf.seek(0)
-            outer.addfile(info, buf)
+    images, _ = build(path, sorted(SAMPLE.glob("*.JPEG")), inner, per_inner)
     return images
 
 

@@ -274,3 +274,40 @@ def build_hostile_zip(path: Path, good_image_bytes: bytes) -> list[ArchiveMember
             zf.writestr(info, (payload.encode() if isinstance(payload, str) else payload) or b"")
             members.append(ArchiveMember(name, expect, reason, note.replace(" (tar only)", "")))
     return members
+
+
+def small_jpeg(path: Path, index: int) -> bytes:
+    """A small JPEG (40-63 x 32-48 px, varying with `index`) made from the photo at `path`."""
+    with Image.open(path) as image:
+        small = image.convert("RGB").resize((40 + index % 24, 32 + index % 17))
+    out = io.BytesIO()
+    small.save(out, "JPEG", quality=85)
+    return out.getvalue()
+
+
+def build_tar_of_tars(path: Path, photos: list[Path], inner: int, per_inner: int,
+                      truncated: tuple[int, ...] = ()) -> tuple[dict[str, bytes], set[str]]:
+    """An ImageNet-shaped ILSVRC2012_img_train.tar: `inner` class tars n<8 digits>.tar of `per_inner` small JPEGs
+    made from `photos` in turn; the inner tars numbered in `truncated` also hold a truncated JPEG. Returns the good
+    images (key wnid/name -> bytes) and the keys of the truncated ones."""
+    images, bad = {}, set()
+    with tarfile.open(path, "w") as outer:
+        for i in range(inner):
+            wnid = f"n{i:08d}"
+            members = {f"{wnid}_{j}.JPEG": small_jpeg(photos[(i * per_inner + j) % len(photos)], i * per_inner + j)
+                       for j in range(per_inner)}
+            images |= {f"{wnid}/{name}": data for name, data in members.items()}
+            if i in truncated:
+                members[f"{wnid}_cut.JPEG"] = members[f"{wnid}_0.JPEG"][:200]
+                bad.add(f"{wnid}/{wnid}_cut.JPEG")
+            buf = io.BytesIO()
+            with tarfile.open(fileobj=buf, mode="w") as tar:
+                for name, data in members.items():
+                    info = tarfile.TarInfo(name)
+                    info.size = len(data)
+                    tar.addfile(info, io.BytesIO(data))
+            info = tarfile.TarInfo(f"{wnid}.tar")
+            info.size = buf.tell()
+            buf.seek(0)
+            outer.addfile(info, buf)
+    return images, bad

@@ -6,13 +6,11 @@ their inode and mtime, and the dataset equals the uninterrupted run's file for f
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import signal
 import subprocess
 import sys
-import tarfile
 import time
 from pathlib import Path
 
@@ -22,8 +20,8 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import pytest
 import ray
+from corpus import build_tar_of_tars
 from layouts import SAMPLE, local_ray, moto_s3
-from PIL import Image
 from shared_data import needs_shared_data
 
 from coltran.imageio import decode_image
@@ -106,38 +104,9 @@ class CountingHandler(pafs.FileSystemHandler):
     move = copy_file = open_output_stream = open_append_stream = _read_only
 
 
-def _small_jpeg(path: Path, index: int) -> bytes:
-    with Image.open(path) as image:
-        small = image.convert("RGB").resize((40 + index % 24, 32 + index % 17))
-    out = io.BytesIO()
-    small.save(out, "JPEG", quality=85)
-    return out.getvalue()
-
-
 def _build_tar_of_tars(path: Path) -> tuple[dict[str, bytes], set[str]]:
     """INNER class tars of PER_INNER small JPEGs; inner tars 7, 42 and 77 also hold a truncated JPEG."""
-    files = sorted(SAMPLE.glob("*.JPEG"))
-    images, bad = {}, set()
-    with tarfile.open(path, "w") as outer:
-        for i in range(INNER):
-            wnid = f"n{i:08d}"
-            members = {f"{wnid}_{j}.JPEG": _small_jpeg(files[(i * PER_INNER + j) % len(files)], i * PER_INNER + j)
-                       for j in range(PER_INNER)}
-            images |= {f"{wnid}/{name}": data for name, data in members.items()}
-            if i in (7, 42, 77):
-                members[f"{wnid}_cut.JPEG"] = members[f"{wnid}_0.JPEG"][:200]
-                bad.add(f"{wnid}/{wnid}_cut.JPEG")
-            buf = io.BytesIO()
-            with tarfile.open(fileobj=buf, mode="w") as inner:
-                for name, data in members.items():
-                    info = tarfile.TarInfo(name)
-                    info.size = len(data)
-                    inner.addfile(info, io.BytesIO(data))
-            info = tarfile.TarInfo(f"{wnid}.tar")
-            info.size = buf.tell()
-            buf.seek(0)
-            outer.addfile(info, buf)
-    return images, bad
+    return build_tar_of_tars(path, sorted(SAMPLE.glob("*.JPEG")), INNER, PER_INNER, truncated=(7, 42, 77))
 
 
 @pytest.fixture(scope="module")
