@@ -163,3 +163,29 @@ def local_ray(num_cpus: int = 2) -> Iterator[None]:
             yield
         finally:
             ray.shutdown()
+
+
+def kill_when(proc, ready, log: Path, timeout: float, poll: float = 0.3):
+    """SIGKILL the job process `proc` (started by the test, killed by its pid) once `ready()` returns something
+    truthy, then wait until the local Ray has every CPU back (the job's tasks and actors are gone). Fails if the
+    job ends first or nothing is ready within `timeout` s; returns what `ready()` last returned. A condition, never
+    a sleep, decides when the kill lands."""
+    import os
+    import signal
+    import time
+
+    import ray
+
+    deadline, found = time.monotonic() + timeout, None
+    try:
+        while not (found := ready()):
+            assert proc.poll() is None, f"the job ended before it was killed:\n{log.read_text()[-3000:]}"
+            assert time.monotonic() < deadline, f"no progress in {timeout:.0f} s:\n{log.read_text()[-3000:]}"
+            time.sleep(poll)
+    finally:
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+    while ray.available_resources().get("CPU", 0) < ray.cluster_resources()["CPU"]:
+        assert time.monotonic() < deadline + 60, "the killed job's tasks and actors were not released"
+        time.sleep(poll)
+    return found

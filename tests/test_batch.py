@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import io
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -17,7 +16,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 from corpus import build_bad_image_corpus, build_hostile_tar, build_hostile_zip
-from layouts import SAMPLE, env_vars, local_ray
+from layouts import SAMPLE, env_vars, kill_when, local_ray
 from PIL import Image
 from shared_data import needs_shared_data
 
@@ -332,21 +331,10 @@ def test_killed_run_resumes_without_redoing_work(tmp_path, models, ray_s3):
                                 stdout=out, stderr=subprocess.STDOUT)
     from pyarrow import fs as pafs
 
-    local, deadline, done = pafs.LocalFileSystem(), time.monotonic() + 180, []
-    try:
-        while not done:
-            assert proc.poll() is None, f"the job ended before it was killed:\n{log.read_text()[-3000:]}"
-            assert time.monotonic() < deadline, f"no progress in 180 s:\n{log.read_text()[-3000:]}"
-            time.sleep(0.3)
-            parts = read_parts(local, str(dest))[0].to_pylist()
-            done = [r for r in parts if r["status"] == "done"]
-    finally:
-        os.kill(proc.pid, signal.SIGKILL)
-        proc.wait()
+    local = pafs.LocalFileSystem()
+    done = kill_when(proc, lambda: [r for r in read_parts(local, str(dest))[0].to_pylist() if r["status"] == "done"],
+                     log, timeout=180)
     killed_at = time.monotonic()
-    while ray.available_resources().get("CPU", 0) < ray.cluster_resources()["CPU"]:  # its workers are gone
-        assert time.monotonic() < deadline + 60, "the killed job's actors were not released"
-        time.sleep(0.3)
     assert not (dest / "manifest.parquet").exists() and len(done) < 4, "the kill should land midway"
     first = {r["key"]: r for r in read_parts(local, str(dest))[0].to_pylist() if r["status"] == "done"}
     stamps = {k: [(dest / o).stat().st_mtime_ns for o in r["outputs"]] for k, r in first.items()}
