@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import secrets
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlparse
 
 import ray
@@ -40,12 +41,23 @@ def _node_name(node: dict) -> str:
     return f"{node['NodeID'][:12]} at {node.get('NodeManagerAddress', '?')}{pool}"
 
 
+def _alive_nodes() -> list[dict]:
+    return [node for node in ray.nodes() if node.get("Alive")]
+
+
+def _on_every_node(nodes: list[dict], task, *args) -> dict[str, Any]:
+    """node id -> what the remote function `task` returned when run pinned to that node."""
+    checks = {node["NodeID"]: task.options(scheduling_strategy=NodeAffinitySchedulingStrategy(
+        node["NodeID"], soft=False)).remote(*args) for node in nodes}
+    return dict(zip(checks, ray.get(list(checks.values()), timeout=CHECK_TIMEOUT_S), strict=True))
+
+
 def require_shared_path(uri: str, what: str) -> None:
     """Raise SharedPathError when `uri` is a local path that not every alive node of the connected Ray cluster
     sees; a one-node cluster (a laptop) and URIs with a scheme pass at once. Creates the directory."""
     if not is_local_path(uri):
         return
-    nodes = [node for node in ray.nodes() if node.get("Alive")]
+    nodes = _alive_nodes()
     if len(nodes) <= 1:
         return
     folder = Path(urlparse(uri).path if uri.startswith("file:") else uri).expanduser().absolute()
@@ -54,9 +66,7 @@ def require_shared_path(uri: str, what: str) -> None:
     marker = folder / f".coltran-shared-check-{os.getpid()}-{token}"
     marker.write_text(token)
     try:
-        checks = {node["NodeID"]: _sees.options(scheduling_strategy=NodeAffinitySchedulingStrategy(
-            node["NodeID"], soft=False)).remote(str(marker), token) for node in nodes}
-        seen = dict(zip(checks, ray.get(list(checks.values()), timeout=CHECK_TIMEOUT_S), strict=True))
+        seen = _on_every_node(nodes, _sees, str(marker), token)
     finally:
         marker.unlink(missing_ok=True)
     blind = [_node_name(node) for node in nodes if not seen[node["NodeID"]]]
@@ -77,12 +87,10 @@ def require_on_every_node(folders: list[str], what: str, advice: str) -> None:
     """Raise SharedPathError when a local input folder (one that jobs read and never write, so no marker can be
     written there) is missing on some alive node of the connected cluster; a one-node cluster passes at once."""
     folders = [str(Path(f).expanduser().absolute()) for f in folders if is_local_path(str(f))]
-    nodes = [node for node in ray.nodes() if node.get("Alive")]
+    nodes = _alive_nodes()
     if not folders or len(nodes) <= 1:
         return
-    checks = {node["NodeID"]: _missing.options(scheduling_strategy=NodeAffinitySchedulingStrategy(
-        node["NodeID"], soft=False)).remote(folders) for node in nodes}
-    missing = dict(zip(checks, ray.get(list(checks.values()), timeout=CHECK_TIMEOUT_S), strict=True))
+    missing = _on_every_node(nodes, _missing, folders)
     blind = [f"{_node_name(node)} lacks {', '.join(missing[node['NodeID']])}" for node in nodes
              if missing[node["NodeID"]]]
     if blind:
