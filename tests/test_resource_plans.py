@@ -120,7 +120,7 @@ def test_stage_pools_go_to_nodes_with_their_pool_label():
         "bits": None, "colorizer": "colorizer", "color_upsampler": "color_upsampler",
         "spatial_upsampler": "spatial_upsampler", "inception": None}
     args = plan.pools["colorizer"].map_args()
-    assert args["label_selector"] == {"pool": "colorizer"} and "label_selector" not in plan.pools["bits"].map_args()
+    assert args["label_selector"] == {"pool": "colorizer"} and plan.pools["bits"].map_args()["label_selector"] == {}
     assert "on pool=colorizer" in plan.describe()
     crowded = _plan("colorize", [Node(1, pool="cpu"), Node(1, pool="colorizer"), Node(1, pool="color_upsampler"),
                                  Node(1, pool="spatial_upsampler")])

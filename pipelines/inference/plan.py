@@ -78,14 +78,14 @@ class PoolPlan:
     label: str | None = None  # the node label pool=<label> its actors are pinned to
 
     def map_args(self) -> dict:
-        """The `map_batches` arguments that place this pool's actors."""
+        """The `map_batches` arguments that place this pool's actors. An unpinned pool says so with an empty
+        label selector: without one, Ray Data fuses a preceding task stage into the actors and the actors inherit
+        that stage's selector (pool=cpu), landing where the plan put tasks, not actors."""
         import ray
 
-        args = {"compute": ray.data.ActorPoolStrategy(min_size=self.pool_min, max_size=self.pool_max),
-                "num_cpus": self.num_cpus, "num_gpus": self.num_gpus}
-        if self.label:
-            args["label_selector"] = {"pool": self.label}
-        return args
+        return {"compute": ray.data.ActorPoolStrategy(min_size=self.pool_min, max_size=self.pool_max),
+                "num_cpus": self.num_cpus, "num_gpus": self.num_gpus,
+                "label_selector": {"pool": self.label} if self.label else {}}
 
     def describe(self) -> str:
         count = f"{self.pool_min}" if self.pool_min == self.pool_max else f"{self.pool_min}-{self.pool_max}"
