@@ -2,9 +2,11 @@
 cluster (worker nodes with private disks, tests/ray_pool.py), the MLflow server and the S3 server, as a user
 does, it preprocesses 16 real photos from S3 to S3 with `coltran submit preprocess`, trains the three stages at
 once with the README's `ray job submit` command (dataset and checkpoints in S3; a worker of the 2-worker stage
-is SIGKILLed mid-run and must resume), and colorizes a tar of 3 other photos from S3 to S3 with `coltran submit
-colorize` from the registered models. Every byte the jobs share goes through S3 or MLflow, as on machines that
-share no disk. test_train.py, test_submission.py and the registry-based tests read what it leaves."""
+is SIGKILLed mid-run and must resume), colorizes a tar of 3 other photos from S3 to S3 with `coltran submit
+colorize` from the registered models and evaluates those models on the held-out split with `coltran submit
+evaluate` (report to S3, a child run of the training submission). Every byte the jobs share goes through S3 or
+MLflow, as on machines that share no disk; each node downloads the registered models into a cache on its own
+private disk. test_train.py, test_submission.py and the registry-based tests read what it leaves."""
 
 from __future__ import annotations
 
@@ -37,6 +39,7 @@ LR = {"colorizer": 3e-3, "color_upsampler": 3e-3, "spatial_upsampler": 5e-3}  # 
 KILL_STEP = 6  # rank 0 of the colour upsampler dies here on its first attempt; it resumes from step 4
 LOG_EVERY = 2
 TRAIN_IMAGES, PHOTOS = 16, 3
+EVAL_IMAGES = 4  # the held-out split of the 16 training photos at heldout_fraction 0.25 (a stable hash of the key)
 AUTH_VARS = ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH", "RAY_ADDRESS", "RAY_API_SERVER_ADDRESS",
              "MLFLOW_TRACKING_URI")
 README_TRAIN = re.compile(r"^ray job submit --address http://HEAD:8265 .*?-- python -m pipelines\.train "
@@ -57,6 +60,7 @@ class Flow:
     models_dir: Path  # written by the training job's driver, on the head node (this machine)
     photos: list[Path]
     out: str  # the batch job's output
+    report: str  # the evaluation job's report folder
     job_ids: dict[str, str] = field(default_factory=dict)
     logs: dict[str, str] = field(default_factory=dict)
     seconds: dict[str, float] = field(default_factory=dict)
@@ -160,6 +164,29 @@ def batch_job(source: str, out: str) -> dict:
     return job
 
 
+def evaluate_sets(flow: Flow, uri: str, tracking_uri: str, parent_run_id: str) -> list[str]:
+    """--set overrides of jobs/evaluate.yaml: the held-out split of the flow's dataset against the 3 batch photos
+    (a disjoint reference set), the registered models, the report to S3 (the Inception statistics cache stays on
+    the driver's node, the one process that reads it), one small actor per pool, CPU."""
+    sets = [f"data=[{flow.dataset}]", f"reference=[{uri}/archives/photos.tar]", f"num_images={EVAL_IMAGES}",
+            f"num_reference={PHOTOS}", f"models=models:/@{ALIAS}", f"out={flow.report}", "device=cpu",
+            "grid_images=2", f"cache_dir={flow.root / 'fid-cache'}", f"tracking.tracking_uri={tracking_uri}",
+            f"tracking.parent_run_id={parent_run_id}", "prepare.batch_size=2", "prepare.num_cpus=0.5"]
+    for pool in ("bits", *STAGES, "inception"):
+        sets += [f"{pool}.batch_size=2", f"{pool}.pool_min=1", f"{pool}.pool_max=1", f"{pool}.num_cpus=0.5"]
+    sets += [f"{stage}.micro_batch=1" for stage in ("color_upsampler", "spatial_upsampler")]
+    return sets
+
+
+def training_parent_run(client) -> str:
+    """The id of the training submission's parent run (RUN in EXPERIMENT)."""
+    exp = client.get_experiment_by_name(EXPERIMENT)
+    runs = client.search_runs([exp.experiment_id], f"tags.`coltran.run_name` = '{RUN}' and "
+                                                   "tags.`coltran.kind` = 'submission'")
+    assert len(runs) == 1, runs
+    return runs[0].info.run_id
+
+
 def _timed(flow: Flow, step: str, start: float) -> None:
     flow.seconds[step] = time.monotonic() - start
     print(f"cluster flow, {step}: {flow.seconds[step]:.1f} s", flush=True)
@@ -186,7 +213,7 @@ def run_flow(cluster, mlflow_server, s3_server, root: Path) -> Flow:
     shutil.copy(cluster.token_path, home / ".ray" / "auth_token")
     uri = f"s3://{BUCKET}"
     flow = Flow(root, s3_server.filesystem(), f"{uri}/dataset", root / "train.yaml", f"{uri}/runs", root / "models",
-                photos, f"{uri}/colorized")
+                photos, f"{uri}/colorized", f"{uri}/evaluation")
     url, coltran = cluster.dashboard_url, str(VENV_BIN / "coltran")
 
     # 1. preprocessing: the project's own job file with --set overrides; token from RAY_AUTH_TOKEN
@@ -228,11 +255,24 @@ def run_flow(cluster, mlflow_server, s3_server, root: Path) -> Flow:
     start = time.monotonic()
     done = run_cli([coltran, "submit", "colorize", str(batch_file), "--address", url, "--working-dir", str(ROOT),
                     "--env", f"MLFLOW_TRACKING_URI={mlflow_server.uri}", "--env",
-                    f"COLTRAN_MODEL_CACHE={root / 'model-cache'}", "--timeout", "600"],
+                    f"COLTRAN_MODEL_CACHE={cluster.scratch / 'model-cache'}", "--timeout", "600"],
                    cli_env(root / "empty-home", {"RAY_AUTH_TOKEN_PATH": str(cluster.token_path)}), cwd=root,
                    timeout=660, cluster=cluster)
     flow.logs["colorize"] = done.stdout
     assert done.returncode == 0, done.stdout[-6000:] + done.stderr[-3000:]
     flow.job_ids["colorize"] = job_id_in(done.stdout, r"submitted colorize job (\S+) to")
     _timed(flow, "colorize", start)
+
+    # 4. evaluation of the registered models on the held-out split, a child run of the training submission
+    start = time.monotonic()
+    sets = evaluate_sets(flow, uri, mlflow_server.uri, training_parent_run(client))
+    done = run_cli([coltran, "submit", "evaluate", "jobs/evaluate.yaml", "--address", url, "--working-dir",
+                    str(ROOT), *[f"--set={s}" for s in sets], "--env", f"COLTRAN_MODEL_CACHE={cluster.scratch / 'model-cache'}",
+                    "--timeout", "600"],
+                   cli_env(root / "empty-home", {"RAY_AUTH_TOKEN_PATH": str(cluster.token_path)}), cwd=ROOT,
+                   timeout=660, cluster=cluster)
+    flow.logs["evaluate"] = done.stdout
+    assert done.returncode == 0, done.stdout[-6000:] + done.stderr[-3000:]
+    flow.job_ids["evaluate"] = job_id_in(done.stdout, r"submitted evaluate job (\S+) to")
+    _timed(flow, "evaluate", start)
     return flow

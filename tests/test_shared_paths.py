@@ -1,7 +1,8 @@
 """Nodes that share no disk (the pool cluster of ray_pool.py: each worker node has its own tmpfs over the cluster's
 `scratch` path): the harness really separates the nodes, and every job given a node-local output path or MLflow
-store refuses before doing any work, saying why and what to use instead. The same jobs on shared storage (S3 and the
-MLflow server) are the session's training submission (cluster_flow.py)."""
+store, or a models directory that only the driver's node has, refuses before doing any work, saying why and what
+to use instead. The same jobs on shared storage (S3 and the MLflow server) are the session's training submission
+(cluster_flow.py)."""
 
 from __future__ import annotations
 
@@ -89,6 +90,24 @@ def test_batch_refuses_a_node_local_out(ray_pool_cluster, tmp_path):
     assert status == "FAILED" and f"batch OUT {out} is a local path that 3 of the cluster's 4 nodes" in logs \
         and ADVICE in logs, logs[-4000:]
     assert not any(out.rglob("*")), "the refused job wrote into OUT"
+
+
+@pytest.mark.parametrize("job", ["batch", "evaluate"])
+def test_batch_and_evaluation_refuse_a_models_directory_some_nodes_lack(ray_pool_cluster, tmp_path, job):
+    """Models under the scratch path exist on the head (the driver's node) only: the job stops before reading any
+    image, naming the nodes that lack them and the registry as the way out, instead of actors failing one by one."""
+    from coltran.init_models import init_models
+
+    models = init_models(ray_pool_cluster.scratch / f"models-{job}-{tmp_path.name}", "test")
+    (tmp_path / "photos").mkdir()
+    settings = {"models": str(models), "out": str(tmp_path / "out"), "device": "cpu"}
+    settings.update({"sources": [str(tmp_path / "photos")]} if job == "batch" else
+                    {"data": [str(tmp_path / "photos")], "tracking": {"enabled": False}})
+    (tmp_path / "job.yaml").write_text(yaml.safe_dump(settings))
+    status, logs = _job(ray_pool_cluster, f"python -m pipelines.{job} {tmp_path / 'job.yaml'}")
+    assert status == "FAILED" and f"the models {models} is a local path that 3 of the cluster's 4 nodes do not " \
+        "have" in logs and "models:/@<alias>" in logs, logs[-4000:]
+    assert not (tmp_path / "out").exists(), "the refused job wrote its output"
 
 
 @pytest.mark.parametrize("what", ["storage_path", "tracking_uri"])

@@ -12,7 +12,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from cluster_flow import EXPERIMENT, NAMES, PLAN, ROOT, RUN, STAGES, cli_env, run_cli
+from cluster_flow import EVAL_IMAGES, EXPERIMENT, NAMES, PHOTOS, PLAN, ROOT, RUN, STAGES, cli_env, run_cli
 from PIL import Image
 from services import VENV_BIN
 
@@ -29,6 +29,7 @@ def test_every_job_succeeded_on_the_cluster(cluster_flow, ray_pool_cluster):
             assert str(status).endswith("SUCCEEDED"), f"{kind} job {job_id} ended {status}"
     assert f"Job '{cluster_flow.job_ids['train']}' succeeded" in cluster_flow.logs["train"]
     assert f"job {cluster_flow.job_ids['colorize']}: SUCCEEDED" in cluster_flow.logs["colorize"]
+    assert f"job {cluster_flow.job_ids['evaluate']}: SUCCEEDED" in cluster_flow.logs["evaluate"]
     manifest = json.loads(cluster_flow.read_bytes(f"{cluster_flow.dataset}/manifest.json"))
     assert manifest["splits"]["heldout"]["images"] >= 1 and manifest["splits"]["train"]["images"] >= 6
     assert manifest["settings"]["heldout_fraction"] == 0.25  # the --set overrides reached the job
@@ -56,7 +57,8 @@ def _runs(mlflow_server):
     parents = client.search_runs([exp.experiment_id], f"tags.`coltran.run_name` = '{RUN}' and "
                                                       "tags.`coltran.kind` = 'submission'")
     assert len(parents) == 1
-    children = client.search_runs([exp.experiment_id], f"tags.`mlflow.parentRunId` = '{parents[0].info.run_id}'")
+    children = client.search_runs([exp.experiment_id], f"tags.`mlflow.parentRunId` = '{parents[0].info.run_id}' "
+                                                      "and tags.`coltran.kind` = 'stage'")  # not the evaluation
     return client, parents[0], {run.data.tags["coltran.stage"]: run for run in children}, children
 
 
@@ -99,12 +101,37 @@ def _state(cluster, kind: str, job_id: str) -> list[dict]:
         return [a for a in json.load(response)["data"]["result"]["result"] if a.get("job_id") == job_id]
 
 
+def test_evaluation_report_in_s3_and_a_child_run_of_the_training(cluster_flow, mlflow_server):
+    """`coltran submit evaluate` on the separate-disk cluster: the report went to S3 (the driver's disk is the
+    head's), its figures cover every stage and the disjoint reference set, and its MLflow run is a child of the
+    training submission holding the same report, with the versions that training registered."""
+    metrics = json.loads(cluster_flow.read_bytes(f"{cluster_flow.report}/metrics.json"))
+    assert metrics["counts"]["evaluated"] == EVAL_IMAGES and metrics["counts"]["reference"] == PHOTOS, metrics
+    assert not metrics["missing"], metrics
+    for stage in STAGES:
+        assert 0 < metrics["metrics"][f"bits_per_dim/{stage}"] < 12, metrics
+        assert metrics["models"][stage] == f"models:/{NAMES[stage]}/{cluster_flow.versions[stage]}", metrics
+    for name in ("fid/colorized", "fid/grayscale", "fid/ground_truth"):
+        assert metrics["metrics"][name] >= 0, metrics
+    assert all(cluster_flow.exists(f"{cluster_flow.report}/{name}") for name in ("report.html", "report.md", "grid.png"))
+    client, parent, _, _ = _runs(mlflow_server)
+    runs = client.search_runs([parent.info.experiment_id], f"tags.`mlflow.parentRunId` = '{parent.info.run_id}' "
+                                                           "and tags.`coltran.kind` = 'evaluation'")
+    assert len(runs) == 1 and runs[0].info.status == "FINISHED", runs
+    assert runs[0].data.metrics["bits_per_dim/colorizer"] == pytest.approx(metrics["metrics"]["bits_per_dim/colorizer"])
+    assert {a.path for a in client.list_artifacts(runs[0].info.run_id, "report")} >= {"report/report.html",
+                                                                                       "report/metrics.json"}
+    assert f"MLflow run {runs[0].info.run_id}" in cluster_flow.logs["evaluate"]
+
+
 def test_decode_and_write_tasks_ran_on_the_cpu_pool(cluster_flow, ray_pool_cluster):
-    """Placement, from Ray's state API: preprocessing's read-decode-write tasks and the colorize job's reading,
-    preparing and writing tasks ran on the CPU pool's node (the head here), never on a training/stage node."""
+    """Placement, from Ray's state API: preprocessing's read-decode-write tasks, the colorize job's reading,
+    preparing and writing tasks and the evaluation's reading, preparing and digest tasks ran on the CPU pool's
+    node (the head here), never on a training/stage node."""
     client = ray_pool_cluster.job_client()
     cpu = ray_pool_cluster.node_ids["cpu"]
-    for job, markers in (("preprocess", ("process_items",)), ("colorize", ("prepare_batch", "write_batch"))):
+    for job, markers in (("preprocess", ("process_items",)), ("colorize", ("prepare_batch", "write_batch")),
+                         ("evaluate", ("parquet_rows", "image_rows", "digest_batch"))):
         tasks = _state(ray_pool_cluster, "tasks", client.get_job_info(cluster_flow.job_ids[job]).job_id)
         for marker in markers:
             nodes = {t.get("node_id") for t in tasks if marker in (t.get("name") or "")}
@@ -112,16 +139,17 @@ def test_decode_and_write_tasks_ran_on_the_cpu_pool(cluster_flow, ray_pool_clust
                                    f"tasks: {sorted({t.get('name') for t in tasks})}"
 
 
-def test_batch_stage_actors_ran_on_their_pools(cluster_flow, ray_pool_cluster):
-    """Placement, from Ray's state API: the colorize job's actors of each stage (Ray Data's map workers, whose
-    names carry the stage's actor class) ran on that stage's pool node only."""
-    job_id = ray_pool_cluster.job_client().get_job_info(cluster_flow.job_ids["colorize"]).job_id
+@pytest.mark.parametrize("job", ["colorize", "evaluate"])
+def test_stage_actors_ran_on_their_pools(cluster_flow, ray_pool_cluster, job):
+    """Placement, from Ray's state API: the batch and evaluation jobs' actors of each stage (Ray Data's map
+    workers, whose names carry the stage's actor class) ran on that stage's pool node only."""
+    job_id = ray_pool_cluster.job_client().get_job_info(cluster_flow.job_ids[job]).job_id
     actors = _state(ray_pool_cluster, "actors", job_id)
     for stage, actor_class in zip(STAGES, ("ColorizerActor", "ColorUpsamplerActor", "SpatialUpsamplerActor"),
                                   strict=True):
         nodes = {a["node_id"] for a in actors if actor_class in (a.get("repr_name") or "") + a["class_name"]}
         assert nodes == {ray_pool_cluster.node_ids[stage]}, (
-            f"{actor_class} on {nodes}, pool node {ray_pool_cluster.node_ids[stage]}; "
+            f"{job}: {actor_class} on {nodes}, pool node {ray_pool_cluster.node_ids[stage]}; "
             f"actors: {[(a['class_name'], a.get('repr_name')) for a in actors]}")
 
 

@@ -61,7 +61,8 @@ def _runs(mlflow_server):
     exp = client.get_experiment_by_name(EXPERIMENT)
     parents = client.search_runs([exp.experiment_id], "tags.`coltran.kind` = 'submission'")
     assert len(parents) == 1, "a re-submission must reuse the parent run"
-    children = client.search_runs([exp.experiment_id], f"tags.`mlflow.parentRunId` = '{parents[0].info.run_id}'")
+    children = client.search_runs([exp.experiment_id], f"tags.`mlflow.parentRunId` = '{parents[0].info.run_id}' "
+                                                      "and tags.`coltran.kind` = 'stage'")  # not the evaluation
     return client, parents[0], {run.data.tags[STAGE_TAG]: run for run in children}, children
 
 

@@ -56,7 +56,12 @@ from pipelines.inference.plan import (
 )
 from pipelines.inference.stages import STAGE_ACTORS
 from pipelines.io.s3 import resolve_path
-from pipelines.io.shared_path import SharedPathError, require_shared_path, require_shared_tracking_uri
+from pipelines.io.shared_path import (
+    SharedPathError,
+    require_on_every_node,
+    require_shared_path,
+    require_shared_tracking_uri,
+)
 
 
 @dataclass
@@ -109,6 +114,15 @@ def resolve_stage_models(spec: str, tracking_uri: str | None = None,
             ref, label = str(root / stage), f"{root / stage}@step{meta.get('step', 0)}"
         models[stage] = StageModel(ref, label + (" (untrained)" if untrained else ""), untrained)
     return models
+
+
+def require_models_on_every_node(models: dict[str, StageModel], spec: str) -> None:
+    """Stage actors load a models directory on whichever node they land: on machines that share no disk it must
+    exist on every node, else actors elsewhere fail one by one after the job started. Refused up front instead
+    (registry refs are fetched by each node from MLflow and always pass)."""
+    require_on_every_node([m.ref for m in models.values() if not m.ref.startswith("models:/")], f"the models {spec}",
+                          "Use the MLflow registry (models:/@<alias>, with a tracking server every node reaches) or "
+                          "a folder mounted on every node.")
 
 
 def resource_plan(settings: BatchSettings, device: str) -> ResourcePlan:
@@ -205,6 +219,7 @@ def run_batch(settings: BatchSettings, *, ray_address: str | None = None) -> Bat
         ray.init(address=ray_address)
     device = job_device(settings.device)
     plan = resource_plan(settings, device)  # before DEST is touched: a plan that cannot be placed stops here
+    require_models_on_every_node(models, settings.models)  # before OUT is made
     require_shared_path(settings.out, "batch OUT")  # every node's write tasks put images there
     if registry:
         require_shared_tracking_uri(registry)  # every node's actors download the pinned versions from it

@@ -162,9 +162,11 @@ def digest_batch(batch: dict, *, role: str) -> dict:
             "was_grayscale": batch["was_grayscale"]}
 
 
-def digests(datasets: dict[str, ray.data.Dataset]) -> dict[str, dict[str, tuple[str, bool]]]:
-    """role -> key -> (content digest, was_grayscale) of evaluation-rows datasets, in one Ray Data pass."""
-    parts = [ds.map_batches(digest_batch, batch_format="numpy", fn_kwargs={"role": role})
+def digests(datasets: dict[str, ray.data.Dataset],
+            task_args: dict | None = None) -> dict[str, dict[str, tuple[str, bool]]]:
+    """role -> key -> (content digest, was_grayscale) of evaluation-rows datasets, in one Ray Data pass (its
+    tasks placed by `task_args`, as the reading tasks are)."""
+    parts = [ds.map_batches(digest_batch, batch_format="numpy", fn_kwargs={"role": role}, **(task_args or {}))
              for role, ds in datasets.items()]
     out: dict[str, dict[str, tuple[str, bool]]] = {role: {} for role in datasets}
     for batch in parts[0].union(*parts[1:]).iter_batches(batch_size=None, batch_format="numpy"):

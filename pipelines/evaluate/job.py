@@ -21,7 +21,9 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import shutil
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -31,7 +33,7 @@ import ray
 
 from coltran.configs import STAGE_NAMES
 from coltran.metrics import StatsCache, feature_statistics, frechet_distance, inception_path, stats_key
-from pipelines.batch.job import resolve_stage_models
+from pipelines.batch.job import require_models_on_every_node, resolve_stage_models
 from pipelines.evaluate.data import PREPARE, digests, list_candidates, rows_dataset, select
 from pipelines.evaluate.report import EvalResult, compose_grid, log_to_mlflow, write_report
 from pipelines.evaluate.settings import POOLS, EvalSettings, load_settings
@@ -46,6 +48,8 @@ from pipelines.inference.plan import (
     make_plan,
 )
 from pipelines.inference.stages import STAGE_ACTORS
+from pipelines.io.s3 import resolve_path
+from pipelines.io.shared_path import SharedPathError, is_local_path, require_shared_tracking_uri
 
 # The dedicated asks and weights of the evaluation's own pools (pipelines.inference.plan): bits/dim scores each image
 # once per stage, teacher-forced, so it is cheap; Inception runs on the samples, the grayscale and the real images.
@@ -168,12 +172,15 @@ def run_evaluation(settings: EvalSettings, *, ray_address: str | None = None) ->
         ray.init(address=ray_address)
     device = job_device(settings.device)
     plan = resource_plan(settings, device)  # before any image is read: a plan that cannot be placed stops here
+    if settings.models.startswith("models:/"):
+        require_shared_tracking_uri(registry)  # every node's actors download the pinned versions from it
+    require_models_on_every_node(models, settings.models)
     evaluated, reference = _select_sets(settings)
     common = {"split": settings.split, "seed": settings.seed, "s3_endpoint": settings.s3_endpoint,
               "batch_size": settings.prepare.batch_size, "num_cpus": settings.prepare.num_cpus,
               "task_args": plan.task_args()}
     eval_rows, ref_rows = rows_dataset(evaluated, **common), rows_dataset(reference, **common)
-    by_role = digests({"evaluated": eval_rows, "reference": ref_rows})
+    by_role = digests({"evaluated": eval_rows, "reference": ref_rows}, plan.task_args())
     found, ref_found = by_role["evaluated"], by_role["reference"]
     _check_disjoint(found, ref_found)
     ref_stats, cached, ref_colour, ref_key = _reference_stats(settings, ref_rows, ref_found, device, plan)
@@ -191,10 +198,33 @@ def run_evaluation(settings: EvalSettings, *, ray_address: str | None = None) ->
         grid_keys=grid_keys, seconds_per_image={s: float(np.mean([r[f"{s}_s"] for r in rows.values()]))
                                                 for s in STAGE_NAMES},
         seconds=time.monotonic() - started, settings=settings, plan=plan.describe())
-    write_report(result, Path(settings.out))
-    if settings.tracking.enabled:
-        result.run_id = log_to_mlflow(result, Path(settings.out))
+    publish(result)
     return result
+
+
+def publish(result: EvalResult) -> None:
+    """Write the report to `out` and log it to MLflow. Only the driver writes it, so a local `out` is the
+    driver's node's disk (with `ray job submit`, the head's: read it from MLflow, or give an s3:// prefix); a URI
+    gets a copy of the report folder, uploaded after MLflow has its own."""
+    out = result.settings.out
+    folder = Path(out).expanduser() if is_local_path(out) else Path(tempfile.mkdtemp(prefix="coltran-report-"))
+    try:
+        write_report(result, folder)
+        if result.settings.tracking.enabled:
+            result.run_id = log_to_mlflow(result, folder)
+        if not is_local_path(out):
+            from pyarrow import fs as pafs
+
+            dest_fs, dest = resolve_path(out, s3_endpoint=result.settings.s3_endpoint)
+            pafs.copy_files(str(folder), dest, source_filesystem=pafs.LocalFileSystem(),
+                            destination_filesystem=dest_fs)
+    finally:
+        if not is_local_path(out):
+            shutil.rmtree(folder, ignore_errors=True)
+
+
+def report_location(out: str) -> str:
+    return f"{out.rstrip('/')}/report.html"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -235,11 +265,11 @@ def run(args: argparse.Namespace) -> int:
     is refused (the message says what it needs)."""
     try:
         result = run_evaluation(settings_from_args(args), ray_address=args.ray_address)
-    except PlanError as err:
+    except (PlanError, SharedPathError) as err:
         print(f"error: {err}", file=sys.stderr, flush=True)
         return 2
     print(json.dumps(result.metrics, indent=1))
-    print(f"report: {Path(result.settings.out) / 'report.html'}" +
+    print(f"report: {report_location(result.settings.out)}" +
           (f"; MLflow run {result.run_id}" if result.run_id else ""), file=sys.stderr)
     return 0
 
@@ -248,17 +278,20 @@ def main(argv: list[str] | None = None) -> int:
     """`python -m pipelines.evaluate JOB.yaml [--set key=value ...]` (the `ray job submit` entry point)."""
     parser = argparse.ArgumentParser(prog="python -m pipelines.evaluate", description=__doc__.splitlines()[0],
                                      epilog="exit status: 0 when the report was written (unusable inputs are counted in it, not fatal); 2 when "
-                                     "the resource plan is refused before any work; 1 when the job failed")
+                                     "the resource plan, the models directory or the MLflow store is refused before any work "
+                                     "(a path some nodes lack); 1 when the job failed")
     parser.add_argument("job", help="YAML job file (see jobs/evaluate.yaml)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     parser.add_argument("--ray-address", default=None, help="default: the job's cluster, else a new local one")
     args = parser.parse_args(argv)
     try:
         result = run_evaluation(load_settings(args.job, overrides=args.overrides), ray_address=args.ray_address)
-    except PlanError as err:
+    except (PlanError, SharedPathError) as err:
         print(f"error: {err}", file=sys.stderr, flush=True)
         return 2
     print(json.dumps(result.metrics, indent=1))
+    print(f"report: {report_location(result.settings.out)}" + (f"; MLflow run {result.run_id}" if result.run_id else ""),
+          flush=True)
     return 0
 
 

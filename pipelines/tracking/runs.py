@@ -41,7 +41,8 @@ def open_submission(run_name: str, stages: list[str], *, experiment: str,
         parent_id = client.create_run(exp_id, run_name=run_name,
                                       tags={RUN_NAME_TAG: run_name, KIND_TAG: "submission"}).info.run_id
     children = {}
-    for run in client.search_runs([exp_id], f"tags.`{PARENT_TAG}` = '{parent_id}'"):
+    # the stage runs only: evaluations logged under the same parent are children too
+    for run in client.search_runs([exp_id], f"tags.`{PARENT_TAG}` = '{parent_id}' and tags.`{KIND_TAG}` = 'stage'"):
         children.setdefault(run.data.tags.get(STAGE_TAG), run.info.run_id)
     for stage in stages:
         if stage not in children:
