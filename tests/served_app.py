@@ -67,7 +67,9 @@ def run_served_app(root: Path, mark: str, timeout: float = 300.0) -> Iterator[Se
         url, token = printed()
         yield ServedApp(url, token, models, log)
     finally:
-        proc.send_signal(signal.SIGINT)  # the verb shuts Serve and its Ray down itself
+        # the verb shuts Serve and its Ray down itself on SIGTERM (SIGINT would do when typed as Ctrl-C, but a
+        # process started from a backgrounded shell inherits SIGINT ignored, as pytest under CI may be)
+        proc.send_signal(signal.SIGTERM)
         try:
             proc.wait(timeout=60)
         except subprocess.TimeoutExpired:
