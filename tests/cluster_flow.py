@@ -178,18 +178,36 @@ def evaluate_sets(flow: Flow, uri: str, tracking_uri: str, parent_run_id: str) -
     return sets
 
 
-def training_parent_run(client) -> str:
-    """The id of the training submission's parent run (RUN in EXPERIMENT)."""
+def submission_runs(mlflow_server):
+    """(client, the training submission's parent run, {stage: its stage run}, the stage runs): evaluations logged
+    under the same parent are children too, and left out."""
+    client = mlflow_server.client()
     exp = client.get_experiment_by_name(EXPERIMENT)
-    runs = client.search_runs([exp.experiment_id], f"tags.`coltran.run_name` = '{RUN}' and "
-                                                   "tags.`coltran.kind` = 'submission'")
-    assert len(runs) == 1, runs
-    return runs[0].info.run_id
+    parents = client.search_runs([exp.experiment_id], f"tags.`coltran.run_name` = '{RUN}' and "
+                                                      "tags.`coltran.kind` = 'submission'")
+    assert len(parents) == 1, "a re-submission must reuse the parent run"
+    children = client.search_runs([exp.experiment_id], f"tags.`mlflow.parentRunId` = '{parents[0].info.run_id}' "
+                                                      "and tags.`coltran.kind` = 'stage'")
+    return client, parents[0], {run.data.tags["coltran.stage"]: run for run in children}, children
 
 
 def _timed(flow: Flow, step: str, start: float) -> None:
     flow.seconds[step] = time.monotonic() - start
     print(f"cluster flow, {step}: {flow.seconds[step]:.1f} s", flush=True)
+
+
+def _coltran_submit(flow: Flow, cluster, kind: str, job_file: str, options: list[str], env: dict[str, str],
+                    cwd: Path) -> None:
+    """`coltran submit KIND JOB_FILE` of the checkout to `cluster`, waited for; its output and job id go to
+    `flow`, its time too."""
+    start = time.monotonic()
+    done = run_cli([str(VENV_BIN / "coltran"), "submit", kind, job_file, "--address", cluster.dashboard_url,
+                    "--working-dir", str(ROOT), *options, "--timeout", "600"], cli_env(flow.root / "empty-home", env),
+                   cwd=cwd, timeout=660, cluster=cluster)
+    flow.logs[kind] = done.stdout
+    assert done.returncode == 0, done.stdout[-6000:] + done.stderr[-3000:]
+    flow.job_ids[kind] = job_id_in(done.stdout, rf"submitted {kind} job (\S+) to")
+    _timed(flow, kind, start)
 
 
 def run_flow(cluster, mlflow_server, s3_server, root: Path) -> Flow:
@@ -214,19 +232,13 @@ def run_flow(cluster, mlflow_server, s3_server, root: Path) -> Flow:
     uri = f"s3://{BUCKET}"
     flow = Flow(root, s3_server.filesystem(), f"{uri}/dataset", root / "train.yaml", f"{uri}/runs", root / "models",
                 photos, f"{uri}/colorized", f"{uri}/evaluation")
-    url, coltran = cluster.dashboard_url, str(VENV_BIN / "coltran")
+    url = cluster.dashboard_url
 
     # 1. preprocessing: the project's own job file with --set overrides; token from RAY_AUTH_TOKEN
-    start = time.monotonic()
     sets = [f"sources=[{uri}/train_images]", f"dest={flow.dataset}", "heldout_fraction=0.25", "train_crops=8",
             "min_rows_per_file=8", "batch_size=4"]
-    done = run_cli([coltran, "submit", "preprocess", "jobs/preprocess.yaml", "--address", url, "--working-dir",
-                    str(ROOT), *[f"--set={s}" for s in sets], "--timeout", "600"],
-                   cli_env(root / "empty-home", {"RAY_AUTH_TOKEN": cluster.token}), cwd=root, timeout=660,
-                   cluster=cluster)
-    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-3000:]
-    flow.job_ids["preprocess"] = job_id_in(done.stdout, r"submitted preprocess job (\S+) to")
-    _timed(flow, "preprocess", start)
+    _coltran_submit(flow, cluster, "preprocess", "jobs/preprocess.yaml", [f"--set={s}" for s in sets],
+                    {"RAY_AUTH_TOKEN": cluster.token}, cwd=root)
 
     # 2. training: a probe job (environment form, not waited for) and the README's command, from the checkout
     flow.job_file.write_text(yaml.safe_dump(train_job(flow.dataset, flow.storage, flow.models_dir, mlflow_server.uri), sort_keys=False))
@@ -252,27 +264,13 @@ def run_flow(cluster, mlflow_server, s3_server, root: Path) -> Flow:
     # 3. batch colorization from the registry; token from RAY_AUTH_TOKEN_PATH
     batch_file = root / "colorize.yaml"
     batch_file.write_text(yaml.safe_dump(batch_job(f"{uri}/archives/photos.tar", flow.out), sort_keys=False))
-    start = time.monotonic()
-    done = run_cli([coltran, "submit", "colorize", str(batch_file), "--address", url, "--working-dir", str(ROOT),
-                    "--env", f"MLFLOW_TRACKING_URI={mlflow_server.uri}", "--env",
-                    f"COLTRAN_MODEL_CACHE={cluster.scratch / 'model-cache'}", "--timeout", "600"],
-                   cli_env(root / "empty-home", {"RAY_AUTH_TOKEN_PATH": str(cluster.token_path)}), cwd=root,
-                   timeout=660, cluster=cluster)
-    flow.logs["colorize"] = done.stdout
-    assert done.returncode == 0, done.stdout[-6000:] + done.stderr[-3000:]
-    flow.job_ids["colorize"] = job_id_in(done.stdout, r"submitted colorize job (\S+) to")
-    _timed(flow, "colorize", start)
+    token_path = {"RAY_AUTH_TOKEN_PATH": str(cluster.token_path)}
+    model_cache = f"COLTRAN_MODEL_CACHE={cluster.scratch / 'model-cache'}"  # each node's own disk
+    _coltran_submit(flow, cluster, "colorize", str(batch_file),
+                    ["--env", f"MLFLOW_TRACKING_URI={mlflow_server.uri}", "--env", model_cache], token_path, cwd=root)
 
     # 4. evaluation of the registered models on the held-out split, a child run of the training submission
-    start = time.monotonic()
-    sets = evaluate_sets(flow, uri, mlflow_server.uri, training_parent_run(client))
-    done = run_cli([coltran, "submit", "evaluate", "jobs/evaluate.yaml", "--address", url, "--working-dir",
-                    str(ROOT), *[f"--set={s}" for s in sets], "--env", f"COLTRAN_MODEL_CACHE={cluster.scratch / 'model-cache'}",
-                    "--timeout", "600"],
-                   cli_env(root / "empty-home", {"RAY_AUTH_TOKEN_PATH": str(cluster.token_path)}), cwd=ROOT,
-                   timeout=660, cluster=cluster)
-    flow.logs["evaluate"] = done.stdout
-    assert done.returncode == 0, done.stdout[-6000:] + done.stderr[-3000:]
-    flow.job_ids["evaluate"] = job_id_in(done.stdout, r"submitted evaluate job (\S+) to")
-    _timed(flow, "evaluate", start)
+    sets = evaluate_sets(flow, uri, mlflow_server.uri, submission_runs(mlflow_server)[1].info.run_id)
+    _coltran_submit(flow, cluster, "evaluate", "jobs/evaluate.yaml",
+                    [*[f"--set={s}" for s in sets], "--env", model_cache], token_path, cwd=ROOT)
     return flow

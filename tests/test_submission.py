@@ -12,7 +12,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from cluster_flow import EVAL_IMAGES, EXPERIMENT, NAMES, PHOTOS, PLAN, ROOT, RUN, STAGES, cli_env, run_cli
+from cluster_flow import EVAL_IMAGES, NAMES, PHOTOS, PLAN, ROOT, STAGES, cli_env, run_cli, submission_runs
 from PIL import Image
 from services import VENV_BIN
 
@@ -51,19 +51,8 @@ def test_working_dir_upload_is_the_checkout_without_venv_and_jobs_use_the_venv_p
     assert probe["bytes"] < 8_000_000, f"working_dir upload is {probe['bytes'] / 1e6:.1f} MB"
 
 
-def _runs(mlflow_server):
-    client = mlflow_server.client()
-    exp = client.get_experiment_by_name(EXPERIMENT)
-    parents = client.search_runs([exp.experiment_id], f"tags.`coltran.run_name` = '{RUN}' and "
-                                                      "tags.`coltran.kind` = 'submission'")
-    assert len(parents) == 1
-    children = client.search_runs([exp.experiment_id], f"tags.`mlflow.parentRunId` = '{parents[0].info.run_id}' "
-                                                      "and tags.`coltran.kind` = 'stage'")  # not the evaluation
-    return client, parents[0], {run.data.tags["coltran.stage"]: run for run in children}, children
-
-
 def test_training_results_in_mlflow(cluster_flow, mlflow_server, ray_pool_cluster):
-    client, parent, runs, children = _runs(mlflow_server)
+    client, parent, runs, children = submission_runs(mlflow_server)
     assert parent.info.status == "FINISHED" and parent.data.params["dataset"] == str(cluster_flow.dataset)
     assert len(children) == 3 and set(runs) == set(STAGES)
     for stage, run in runs.items():
@@ -114,7 +103,7 @@ def test_evaluation_report_in_s3_and_a_child_run_of_the_training(cluster_flow, m
     for name in ("fid/colorized", "fid/grayscale", "fid/ground_truth"):
         assert metrics["metrics"][name] >= 0, metrics
     assert all(cluster_flow.exists(f"{cluster_flow.report}/{name}") for name in ("report.html", "report.md", "grid.png"))
-    client, parent, _, _ = _runs(mlflow_server)
+    client, parent, _, _ = submission_runs(mlflow_server)
     runs = client.search_runs([parent.info.experiment_id], f"tags.`mlflow.parentRunId` = '{parent.info.run_id}' "
                                                            "and tags.`coltran.kind` = 'evaluation'")
     assert len(runs) == 1 and runs[0].info.status == "FINISHED", runs

@@ -18,7 +18,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import yaml
-from cluster_flow import EXPERIMENT, KILL_STEP, NAMES, PLAN, RUN, STAGES
+from cluster_flow import KILL_STEP, NAMES, PLAN, RUN, STAGES, submission_runs
 from PIL import Image
 from ray.data.dataset import MaterializedDataset
 from services import free_port
@@ -56,16 +56,6 @@ def _submit(cluster, entrypoint: str, log: Path, timeout: float = 1200) -> tuple
     return logs, time.monotonic() - start
 
 
-def _runs(mlflow_server):
-    client = mlflow_server.client()
-    exp = client.get_experiment_by_name(EXPERIMENT)
-    parents = client.search_runs([exp.experiment_id], "tags.`coltran.kind` = 'submission'")
-    assert len(parents) == 1, "a re-submission must reuse the parent run"
-    children = client.search_runs([exp.experiment_id], f"tags.`mlflow.parentRunId` = '{parents[0].info.run_id}' "
-                                                      "and tags.`coltran.kind` = 'stage'")  # not the evaluation
-    return client, parents[0], {run.data.tags[STAGE_TAG]: run for run in children}, children
-
-
 def _history(client, run, key: str) -> list[tuple[int, float]]:
     return sorted((m.step, m.value) for m in client.get_metric_history(run.info.run_id, key))
 
@@ -82,7 +72,7 @@ def test_job_trained_every_stage_and_said_so(cluster_flow):
 @pytest.mark.ray
 @pytest.mark.slow
 def test_stages_ran_concurrently_each_on_its_own_pool(cluster_flow, mlflow_server, ray_pool_cluster):
-    client, _, runs, _ = _runs(mlflow_server)
+    client, _, runs, _ = submission_runs(mlflow_server)
     windows = {}
     for stage, run in runs.items():
         nodes = json.loads(run.data.tags["coltran.worker_nodes"])
@@ -103,7 +93,7 @@ def test_stages_ran_concurrently_each_on_its_own_pool(cluster_flow, mlflow_serve
 @pytest.mark.ray
 @pytest.mark.slow
 def test_loss_falls_when_overfitting_a_few_images(cluster_flow, mlflow_server):
-    client, _, runs, _ = _runs(mlflow_server)
+    client, _, runs, _ = submission_runs(mlflow_server)
     for stage, run in runs.items():
         losses = [value for _, value in _history(client, run, "loss")]  # window means, every LOG_EVERY steps
         assert len(losses) >= 4
@@ -138,7 +128,7 @@ def test_checkpoints_hold_model_ema_optimizer_step_data_position_and_rng(cluster
 @pytest.mark.ray
 @pytest.mark.slow
 def test_killed_worker_resumed_from_its_checkpoint_in_the_same_mlflow_run(cluster_flow, mlflow_server):
-    client, _, runs, children = _runs(mlflow_server)
+    client, _, runs, children = submission_runs(mlflow_server)
     assert sorted(r.data.tags[STAGE_TAG] for r in children) == sorted(STAGES)  # one child run per stage
     run = runs["color_upsampler"]
     marker = cluster_flow.read_bytes(f"{cluster_flow.storage}/{RUN}-color_upsampler.fault-injected")
@@ -153,7 +143,7 @@ def test_killed_worker_resumed_from_its_checkpoint_in_the_same_mlflow_run(cluste
 @pytest.mark.ray
 @pytest.mark.slow
 def test_mlflow_holds_params_metrics_images_and_config(cluster_flow, mlflow_server):
-    client, parent, runs, _ = _runs(mlflow_server)
+    client, parent, runs, _ = submission_runs(mlflow_server)
     assert parent.data.params["stages.color_upsampler.scaling.num_workers"] == "2"
     assert parent.data.params["mlflow.alias"] == "candidate"
     assert parent.info.status == "FINISHED"
@@ -223,7 +213,7 @@ def test_resubmission_continues_the_same_runs_and_a_failing_stage_spares_the_oth
     assert "stage color_upsampler: ok at step 20" in logs
     assert f"stage spatial_upsampler: ok at step {PLAN['spatial_upsampler'][2]}, registered version " \
            f"{cluster_flow.versions['spatial_upsampler']}" in logs
-    client, parent, runs, children = _runs(mlflow_server)
+    client, parent, runs, children = submission_runs(mlflow_server)
     assert len(children) == 3
     assert {v.version for v in client.search_model_versions(f"name = '{spatial}'")} == spatial_before
     assert runs["spatial_upsampler"].data.tags["coltran.final_step"] == str(PLAN["spatial_upsampler"][2])

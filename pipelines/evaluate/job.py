@@ -207,19 +207,20 @@ def publish(result: EvalResult) -> None:
     driver's node's disk (with `ray job submit`, the head's: read it from MLflow, or give an s3:// prefix); a URI
     gets a copy of the report folder, uploaded after MLflow has its own."""
     out = result.settings.out
-    folder = Path(out).expanduser() if is_local_path(out) else Path(tempfile.mkdtemp(prefix="coltran-report-"))
+    local = is_local_path(out)
+    folder = Path(out).expanduser() if local else Path(tempfile.mkdtemp(prefix="coltran-report-"))
     try:
         write_report(result, folder)
         if result.settings.tracking.enabled:
             result.run_id = log_to_mlflow(result, folder)
-        if not is_local_path(out):
+        if not local:
             from pyarrow import fs as pafs
 
             dest_fs, dest = resolve_path(out, s3_endpoint=result.settings.s3_endpoint)
             pafs.copy_files(str(folder), dest, source_filesystem=pafs.LocalFileSystem(),
                             destination_filesystem=dest_fs)
     finally:
-        if not is_local_path(out):
+        if not local:
             shutil.rmtree(folder, ignore_errors=True)
 
 
