@@ -118,6 +118,22 @@ def test_ray_and_plain_pyarrow_read_it(tree_run):
     np.testing.assert_array_equal(read_tensor_column(storage_only, "rgb3bit_64"), bits)
 
 
+def test_the_product_reads_parquet_without_ray_datas_footer_actor_pool(tree_run):
+    """pipelines.io.parquet: Ray Data's default Parquet reader starts 32 FooterReader actors per read (the direct
+    reads above do); the product's reads (here a training split, as the training driver opens it) start none."""
+    from pipelines.train.data import open_train_dataset
+
+    def footer_readers() -> int:  # the GCS's actor table: this local Ray has no dashboard for the state API
+        return sum(1 for actor in ray._private.state.state.actor_table(None).values()
+                   if "FooterReader" in actor["ActorClassName"])
+
+    dest, manifest = tree_run
+    before = footer_readers()
+    ds = open_train_dataset(str(dest), "colorizer", "train", cache_below_mb=512)
+    assert ds.count() == manifest["splits"]["train"]["rows"] and ds.columns() == ["gray_64", "rgb_64"]
+    assert footer_readers() == before
+
+
 def test_heldout_is_stable_across_runs_and_layouts(layouts, tree_run, tmp_path):
     dest, manifest = tree_run
     again = run_preprocess(PreprocessSettings(sources=[str(layouts.tar_of_tars)], dest=str(tmp_path / "d"),

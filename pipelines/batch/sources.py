@@ -19,6 +19,7 @@ from pipelines.batch.settings import BatchSettings
 from pipelines.batch.tasks import JobContext, prepare_batch
 from pipelines.dataset.format import read_manifest, read_tensor_column
 from pipelines.inference.stages import objects
+from pipelines.io.parquet import read_parquet
 from pipelines.io.s3 import resolve_path
 from pipelines.io.sources import plan_sources
 
@@ -94,8 +95,7 @@ def build_inputs(settings: BatchSettings, ctx: JobContext,
         if found is not None:
             parquet_sources.append(src)
             for location, prefix in found:
-                ds = ray.data.read_parquet(location, filesystem=fs, ray_remote_args=task_args)
-                ds = ds.select_columns(PARQUET_COLUMNS)
+                ds = read_parquet(location, fs, columns=PARQUET_COLUMNS, ray_remote_args=task_args)
                 parts.append(ds.map_batches(parquet_batch, batch_format="pyarrow", batch_size=settings.prepare.batch_size,
                                             num_cpus=settings.prepare.num_cpus, **task_args,
                                             fn_kwargs={"ctx": ctx, "source": src, "prefix": prefix}))

@@ -19,6 +19,7 @@ from pipelines.batch.outputs import image_seed, source_labels
 from pipelines.batch.sources import parquet_paths
 from pipelines.dataset.format import read_tensor_column
 from pipelines.inference.stages import objects
+from pipelines.io.parquet import read_parquet
 from pipelines.io.s3 import resolve_path
 from pipelines.io.sources import plan_sources
 
@@ -144,7 +145,7 @@ def rows_dataset(chosen: list[Candidate], *, split: str, seed: int, s3_endpoint:
         if parquet is not None:
             fs, location = parquet
             columns = ["key", "crop_index", "was_grayscale", "gray_64", "gray_256", "rgb_64", "rgb_256"]
-            ds = ray.data.read_parquet(location, filesystem=fs, ray_remote_args=task_args).select_columns(columns)
+            ds = read_parquet(location, fs, columns=columns, ray_remote_args=task_args)
             parts.append(ds.map_batches(parquet_rows, batch_format="pyarrow", **common,
                                         fn_kwargs={"labels": labels, "seed": seed}))
         else:

@@ -12,6 +12,7 @@ import ray.data
 import torch
 
 from pipelines.dataset.format import read_tensor_column
+from pipelines.io.parquet import read_parquet
 from pipelines.io.s3 import resolve_path
 
 # The uint8 tensor columns each stage's `loss` reads.
@@ -32,7 +33,7 @@ def open_train_dataset(root: str, stage: str, split: str, cache_below_mb: float 
     every epoch is a new Ray Data execution that lists, opens and decodes the Parquet again, which dominates
     step time on small datasets."""
     fs, path = resolve_path(root)
-    ds = ray.data.read_parquet(f"{path}/{split}", filesystem=fs).select_columns(STAGE_COLUMNS[stage])
+    ds = read_parquet(f"{path}/{split}", fs, columns=STAGE_COLUMNS[stage])
     if cache_below_mb > 0:
         files = _parquet_files(fs, f"{path}/{split}", root, split)
         rows = pads.dataset(files, filesystem=fs, format="parquet").count_rows()
