@@ -83,21 +83,36 @@ def _is_zombie(pid: int) -> bool:
     return stat.rsplit(")", 1)[1].split()[0] in ("Z", "X")
 
 
-def marked_pids(mark: str, prefix: bool = False) -> list[int]:
-    """Live processes whose environment carries MARK_VAR=mark (or a value starting with mark)."""
+def _session(pid: int) -> int | None:
+    try:
+        return os.getsid(pid)
+    except OSError:
+        return None
+
+
+def marked_pids(mark: str, prefix: bool = False, sessions: set[int] | None = None) -> list[int]:
+    """Live processes whose environment carries MARK_VAR=mark (or a value starting with mark), and those in the
+    process sessions of such processes. Some Ray daemons (the dashboard and runtime-env agents) set process titles
+    long enough that setproctitle overwrites their environment, mark included; each service starts in a session
+    of its own, which they keep. `sessions` gathers those sessions across calls (never this process's own), so a
+    daemon whose marked siblings are already dead is still found."""
     wanted = f"{MARK_VAR}={mark}".encode()
-    found = []
+    sessions = set() if sessions is None else sessions
+    found, others = [], []
     for entry in os.listdir("/proc"):
-        if not entry.isdigit() or int(entry) == os.getpid():
+        if not entry.isdigit() or int(entry) == os.getpid() or _is_zombie(int(entry)):
             continue
         try:
             environ = Path(f"/proc/{entry}/environ").read_bytes().split(b"\0")
         except OSError:
             continue
-        hit = any(v.startswith(wanted) for v in environ) if prefix else wanted in environ
-        if hit and not _is_zombie(int(entry)):
+        if any(v.startswith(wanted) for v in environ) if prefix else wanted in environ:
             found.append(int(entry))
-    return found
+        else:
+            others.append(int(entry))
+    sessions.update(s for pid in found if (s := _session(pid)) is not None)
+    sessions.discard(os.getsid(0))
+    return sorted(found + [pid for pid in others if _session(pid) in sessions])
 
 
 def _signal_all(pids: Sequence[int], sig: int) -> None:
@@ -109,14 +124,16 @@ def _signal_all(pids: Sequence[int], sig: int) -> None:
 
 
 def reap(mark: str, prefix: bool = False, grace: float = 3.0) -> list[int]:
-    """SIGTERM every process carrying `mark`, SIGKILL what is left after `grace`; return survivors."""
-    _signal_all(marked_pids(mark, prefix), signal.SIGTERM)
+    """SIGTERM every process carrying `mark` (or in the session of one), SIGKILL what is left after `grace`;
+    return survivors."""
+    sessions: set[int] = set()
+    _signal_all(marked_pids(mark, prefix, sessions), signal.SIGTERM)
     deadline = time.monotonic() + grace
-    while marked_pids(mark, prefix) and time.monotonic() < deadline:
+    while marked_pids(mark, prefix, sessions) and time.monotonic() < deadline:
         time.sleep(0.1)
-    _signal_all(marked_pids(mark, prefix), signal.SIGKILL)
+    _signal_all(marked_pids(mark, prefix, sessions), signal.SIGKILL)
     deadline = time.monotonic() + 5.0
-    while (left := marked_pids(mark, prefix)) and time.monotonic() < deadline:
+    while (left := marked_pids(mark, prefix, sessions)) and time.monotonic() < deadline:
         time.sleep(0.1)
     return left
 

@@ -13,7 +13,7 @@ import time
 
 import pytest
 from ray_pool import HEAD_POOL, WORKER_POOLS, connected_driver
-from services import VENV_BIN, marked_pids, run_s3_server, service_env, start_watchdog
+from services import VENV_BIN, marked_pids, reap, run_s3_server, service_env, start_watchdog
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -167,3 +167,25 @@ def test_services_leave_no_process_behind_even_when_pytest_dies(tmp_path):
     assert watchdog.wait(timeout=30) == 0
     assert orphan.wait(timeout=5) == -15
     assert marked_pids(mark, prefix=True) == []
+
+
+def test_reaping_finds_unmarked_processes_in_a_service_session_and_spares_ours():
+    """Ray's dashboard and runtime-env agents overwrite their environment with their process titles, mark
+    included: they are found through the process session of their marked node (every service starts one)."""
+    mark = f"sessioncheck-{time.time_ns()}"
+    script = ("import subprocess, sys, time; subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(600)'], "
+              "env={}); time.sleep(600)")  # a child with an empty environment, in its parent's session
+    leader = subprocess.Popen([sys.executable, "-c", script], env=service_env(f"{mark}/node"), start_new_session=True)
+    ours = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"], env=service_env(f"{mark}/own"))
+    try:
+        deadline = time.monotonic() + 30
+        while len(found := marked_pids(f"{mark}/node")) < 2 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert leader.pid in found and len(found) == 2, found
+        assert marked_pids(f"{mark}/own") == [ours.pid]  # its session is pytest's: nothing else of it counts
+        assert reap(f"{mark}/node") == []
+        assert leader.wait(timeout=5) == -15 and ours.poll() is None
+    finally:
+        for proc in (leader, ours):
+            proc.kill()
+            proc.wait()
