@@ -1,6 +1,7 @@
 """Shared session fixtures: a real MLflow server, a moto S3 server and a token-authenticated Ray pool
 cluster (see services.py and ray_pool.py), all on loopback, started on first use and reaped at the end; the one
-training submission on them (cluster_flow.py); test order (fast tests first) and the shared-data rule."""
+training submission on them (cluster_flow.py); the demo, started with the session (demo_run.py); test order
+(fast tests first) and the shared-data rule."""
 
 from __future__ import annotations
 
@@ -98,6 +99,37 @@ def cluster_flow(ray_pool_cluster, mlflow_server, s3_server, tmp_path_factory) -
     S3 and the MLflow server."""
     require_shared_data(SAMPLE)
     return run_flow(ray_pool_cluster, mlflow_server, s3_server, tmp_path_factory.mktemp("cluster-flow"))
+
+
+@pytest.fixture(scope="session")
+def demo_run(tmp_path_factory, service_mark):
+    """`coltran demo` at half its steps, in the background from the moment it is first asked for (tests/demo_run.py)."""
+    from demo_run import run_demo
+
+    with run_demo(tmp_path_factory.mktemp("demo"), f"{service_mark}/demo") as run:
+        yield run
+
+
+EARLY_STARTS = ("demo_run",)  # minutes-long background work that runs beside the fast tests
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _early_starts(request):
+    """Start the session fixtures of EARLY_STARTS before the first test when a selected test needs them: their
+    processes run niced beside the fast tests. This process then computes on one torch thread: with a second
+    thread, each of the sampler's thousands of small parallel regions waits for that thread to be woken on the
+    core the background work holds (test_pipeline's seeds test: 119 s instead of 8 s on 2 cores)."""
+    import torch
+
+    needed = {name for item in request.session.items for name in item.fixturenames}
+    started = [name for name in EARLY_STARTS if name in needed]
+    threads = torch.get_num_threads()
+    if started:
+        torch.set_num_threads(1)
+    for name in started:
+        request.getfixturevalue(name)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="session")

@@ -11,50 +11,30 @@ another 0.83x, still at 7.6 bits/dim), so the demo gives it 250 steps, 125 here.
 from __future__ import annotations
 
 import json
-import subprocess
-import time
 
 import mlflow
 import pyarrow.parquet as pq
 import pytest
+from demo_run import STEPS_SCALE
 from PIL import Image
-from services import VENV_BIN, marked_pids, reap, service_env
 
 from pipelines.demo.check import chroma_check, heldout_bits_per_dim
 from pipelines.tracking.names import REGISTERED_NAMES
 
-pytestmark = [pytest.mark.ray, pytest.mark.slow, pytest.mark.timeout(1200)]
-STEPS_SCALE = "0.5"  # colorizer 150, colour upsampler 150, spatial upsampler 125 steps
+pytestmark = [pytest.mark.ray, pytest.mark.slow, pytest.mark.timeout(1600)]
 CHROMA_LIMIT = 0.8  # colourings' chroma error / a gray image's, on the held-out photos
 BPD_LIMIT = 9.0 - 0.5  # every stage's registered (EMA) weights on the held-out split
 
 
 @pytest.fixture(scope="module")
-def demo(tmp_path_factory, service_mark):
-    root = tmp_path_factory.mktemp("demo")
-    home = root / "home"
-    home.mkdir()
-    # the demo's own photos and held-out count (6 photos, 12 colourings: a steadier chroma figure than 3 photos),
-    # half its steps
-    cmd = [str(VENV_BIN / "coltran"), "demo", "--dir", str(root / "run"), "--steps-scale", STEPS_SCALE]
-    start = time.monotonic()
-    # a user's shell with a fresh HOME: the local ray.init() creates its own auth token there
-    mark = f"{service_mark}/demo"  # the demo's own Ray processes carry it: reaped whatever happens
-    env = service_env(mark, {"HOME": str(home), "RAY_USAGE_STATS_ENABLED": "0"},
-                      drop=("RAY_ADDRESS", "RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH",
-                            "MLFLOW_TRACKING_URI"))
-    try:
-        done = subprocess.run(cmd, env=env, cwd=root, capture_output=True, text=True, timeout=1100)
-    finally:
-        deadline = time.monotonic() + 20  # ray.shutdown() at the demo's end stops its processes
-        while (left := marked_pids(mark)) and time.monotonic() < deadline:
-            time.sleep(0.5)
-        reap(mark)
-    print(f"coltran demo (steps x{STEPS_SCALE}): {time.monotonic() - start:.1f} s, "
+def demo(demo_run):
+    """The session's demo run (tests/demo_run.py: started with the session, in the background), waited for."""
+    done = demo_run.wait()
+    print(f"coltran demo (steps x{STEPS_SCALE}, niced, beside the session): {done.seconds:.1f} s, "
           f"{len(done.stdout.splitlines())} lines printed")
     assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
-    assert not left, f"coltran demo left processes {left} running"
-    return root / "run", done.stdout
+    assert not done.left, f"coltran demo left processes {done.left} running"
+    return done.root, done.stdout
 
 
 def test_demo_prints_where_everything_is(demo):
