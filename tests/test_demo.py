@@ -21,7 +21,7 @@ from PIL import Image
 from pipelines.demo.check import chroma_check, heldout_bits_per_dim
 from pipelines.tracking.names import REGISTERED_NAMES
 
-pytestmark = [pytest.mark.ray, pytest.mark.slow, pytest.mark.timeout(1600)]
+pytestmark = [pytest.mark.ray, pytest.mark.slow, pytest.mark.timeout(2500)]
 CHROMA_LIMIT = 0.8  # colourings' chroma error / a gray image's, on the held-out photos
 BPD_LIMIT = 9.0 - 0.5  # every stage's registered (EMA) weights on the held-out split
 
