@@ -100,19 +100,19 @@ def marked_pids(mark: str, prefix: bool = False, sessions: set[int] | None = Non
     sessions = set() if sessions is None else sessions
     found, others = [], []
     for entry in os.listdir("/proc"):
-        if not entry.isdigit() or int(entry) == os.getpid() or _is_zombie(int(entry)):
+        if not entry.isdigit() or int(entry) == os.getpid():
             continue
         try:
             environ = Path(f"/proc/{entry}/environ").read_bytes().split(b"\0")
         except OSError:
             continue
-        if any(v.startswith(wanted) for v in environ) if prefix else wanted in environ:
-            found.append(int(entry))
-        else:
-            others.append(int(entry))
+        hit = any(v.startswith(wanted) for v in environ) if prefix else wanted in environ
+        (found if hit else others).append(int(entry))
     sessions.update(s for pid in found if (s := _session(pid)) is not None)
     sessions.discard(os.getsid(0))
-    return sorted(found + [pid for pid in others if _session(pid) in sessions])
+    if sessions:
+        found += [pid for pid in others if _session(pid) in sessions]
+    return sorted(pid for pid in found if not _is_zombie(pid))
 
 
 def _signal_all(pids: Sequence[int], sig: int) -> None:
