@@ -115,27 +115,23 @@ def demo_run(tmp_path_factory, service_mark):
         yield run
 
 
-EARLY_STARTS = ("demo_run",)  # minutes-long background work that runs beside the fast tests
-
-
 @pytest.fixture(scope="session", autouse=True)
-def _early_starts(request):
-    """Start the session fixtures of EARLY_STARTS before the first test when a selected test needs them: their
-    processes run niced beside the fast tests. This process then computes on one torch thread: with a second
-    thread, each of the sampler's thousands of small parallel regions waits for that thread to be woken on the
-    core the background work holds (test_pipeline's seeds test: 119 s instead of 8 s on 2 cores)."""
+def _start_the_demo_early(request):
+    """Start `demo_run` before the first test when a selected test needs it: its processes run niced beside the
+    fast tests. This process then computes on one torch thread: with a second thread, each of the sampler's
+    thousands of small parallel regions waits for that thread to be woken on the core the demo holds
+    (test_pipeline's seeds test: 119 s instead of 8 s on 2 cores)."""
     import torch
 
-    needed = {name for item in request.session.items for name in item.fixturenames}
-    started = [name for name in EARLY_STARTS if name in needed]
+    if not any("demo_run" in item.fixturenames for item in request.session.items):
+        yield
+        return
     threads = torch.get_num_threads()
-    if started:
-        torch.set_num_threads(1)
-    for name in started:
-        try:
-            request.getfixturevalue(name)
-        except (Exception, pytest.skip.Exception, pytest.fail.Exception):
-            pass  # pytest keeps the error: the tests that need the fixture report it, not this first test
+    torch.set_num_threads(1)
+    try:
+        request.getfixturevalue("demo_run")
+    except (Exception, pytest.skip.Exception, pytest.fail.Exception):
+        pass  # pytest keeps the error: the tests that need the fixture report it, not this first test
     yield
     torch.set_num_threads(threads)
 
