@@ -8,7 +8,6 @@ import contextlib
 import functools
 
 import torch
-from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 aten = torch.ops.aten
 
@@ -22,6 +21,7 @@ def _row_mm(a: torch.Tensor, b: torch.Tensor):
 def _cpu_backend(gm, example_inputs):
     from torch._inductor.compile_fx import compile_fx
     from torch._inductor.decomposition import select_decomp_table
+    from torch.fx.experimental.symbolic_shapes import statically_known_true  # sympy: 0.3 s, only when compiling
 
     table = select_decomp_table()
     mm, addmm = table.get(aten.mm.default), table.get(aten.addmm.default)
