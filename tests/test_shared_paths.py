@@ -1,7 +1,8 @@
 """Nodes that share no disk (the pool cluster of ray_pool.py: each worker node has its own tmpfs over the cluster's
 `scratch` path): the harness really separates the nodes, and every job given a node-local output path or MLflow
 store, or a models directory that only the driver's node has, refuses before doing any work, saying why and what
-to use instead. The same jobs on shared storage (S3 and the MLflow server) are the session's training submission
+to use instead (preprocessing submitted with `coltran submit`; the other jobs' entry points run in this process,
+a driver on the head node as a submitted job's is). The same jobs on shared storage (S3 and the MLflow server) are the session's training submission
 (cluster_flow.py)."""
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import subprocess
 import pytest
 import yaml
 from cluster_flow import ROOT, cli_env, run_cli, train_job
-from ray_pool import HEAD_POOL, WORKER_POOLS
+from ray_pool import HEAD_POOL, WORKER_POOLS, connected_driver
 from services import VENV_BIN
 
 pytestmark = [pytest.mark.ray, pytest.mark.timeout(900)]
@@ -80,51 +81,73 @@ def test_preprocess_refuses_a_node_local_dest(ray_pool_cluster, tmp_path):
     assert not any(dest.rglob("*")), "the refused job wrote into DEST"
 
 
-def test_batch_refuses_a_node_local_out(ray_pool_cluster, tmp_path):
+@pytest.fixture(scope="module")
+def driver(ray_pool_cluster):
+    """This process as the jobs' driver on the head node (where `ray job submit` runs a job's entry point), for
+    the module: each refusal below runs its job's entry point here, and the check tasks reuse their workers."""
+    with connected_driver(ray_pool_cluster) as cluster:
+        yield cluster
+
+
+def _refusal(entry_point, job_file, capsys) -> str:
+    """Run a job's entry point (`python -m pipelines.X JOB_FILE`'s main) in this process; it must refuse (exit
+    status 2); what it printed."""
+    capsys.readouterr()
+    status = entry_point([str(job_file)])
+    out = capsys.readouterr()
+    assert status == 2, f"exit status {status}\n{out.out[-3000:]}\n{out.err[-3000:]}"
+    return out.out + out.err
+
+
+def test_batch_refuses_a_node_local_out(driver, tmp_path, capsys):
     from coltran.init_models import init_models
+    from pipelines.batch.job import main
 
     models = init_models(tmp_path / "models", "test")  # pytest's tmp dir: every node sees it
     (tmp_path / "photos").mkdir()
-    out = ray_pool_cluster.scratch / "colorized"
+    out = driver.scratch / "colorized"
     job = {"sources": [str(tmp_path / "photos")], "models": str(models), "out": str(out), "device": "cpu"}
     (tmp_path / "colorize.yaml").write_text(yaml.safe_dump(job))
-    status, logs = _job(ray_pool_cluster, f"python -m pipelines.batch {tmp_path / 'colorize.yaml'}")
-    assert status == "FAILED" and f"batch OUT {out} is a local path that 3 of the cluster's 4 nodes" in logs \
-        and ADVICE in logs, logs[-4000:]
+    logs = _refusal(main, tmp_path / "colorize.yaml", capsys)
+    assert f"batch OUT {out} is a local path that 3 of the cluster's 4 nodes" in logs and ADVICE in logs, logs
     assert not any(out.rglob("*")), "the refused job wrote into OUT"
 
 
 @pytest.mark.parametrize("job", ["batch", "evaluate"])
-def test_batch_and_evaluation_refuse_a_models_directory_some_nodes_lack(ray_pool_cluster, tmp_path, job):
+def test_batch_and_evaluation_refuse_a_models_directory_some_nodes_lack(driver, tmp_path, capsys, job):
     """Models under the scratch path exist on the head (the driver's node) only: the job stops before reading any
     image, naming the nodes that lack them and the registry as the way out, instead of actors failing one by one."""
     from coltran.init_models import init_models
+    from pipelines.batch.job import main as batch_main
+    from pipelines.evaluate.job import main as evaluate_main
 
-    models = init_models(ray_pool_cluster.scratch / f"models-{job}-{tmp_path.name}", "test")
+    models = init_models(driver.scratch / f"models-{job}-{tmp_path.name}", "test")
     (tmp_path / "photos").mkdir()
     settings = {"models": str(models), "out": str(tmp_path / "out"), "device": "cpu"}
     settings.update({"sources": [str(tmp_path / "photos")]} if job == "batch" else
                     {"data": [str(tmp_path / "photos")], "tracking": {"enabled": False}})
     (tmp_path / "job.yaml").write_text(yaml.safe_dump(settings))
-    status, logs = _job(ray_pool_cluster, f"python -m pipelines.{job} {tmp_path / 'job.yaml'}")
-    assert status == "FAILED" and f"the models {models} is a local path that 3 of the cluster's 4 nodes do not " \
-        "have" in logs and "models:/@<alias>" in logs, logs[-4000:]
+    logs = _refusal(batch_main if job == "batch" else evaluate_main, tmp_path / "job.yaml", capsys)
+    assert f"the models {models} is a local path that 3 of the cluster's 4 nodes do not have" in logs \
+        and "models:/@<alias>" in logs, logs
     assert not (tmp_path / "out").exists(), "the refused job wrote its output"
 
 
 @pytest.mark.parametrize("what", ["storage_path", "tracking_uri"])
-def test_training_refuses_node_local_run_storage_and_mlflow_store(ray_pool_cluster, mlflow_server, tmp_path, what):
+def test_training_refuses_node_local_run_storage_and_mlflow_store(driver, mlflow_server, tmp_path, capsys, what):
+    from pipelines.train.__main__ import main
+
     job = train_job(str(tmp_path / "no-dataset-needed"), str(tmp_path / "runs"), tmp_path / "models", mlflow_server.uri)
     job["run_name"] = job["mlflow"]["experiment"] = f"refused-{what}"
-    local = ray_pool_cluster.scratch / f"train-{what}"
+    local = driver.scratch / f"train-{what}"
     if what == "storage_path":
         job["storage_path"], expected = str(local), f"training storage_path {local} is a local path"
     else:
         job["mlflow"]["tracking_uri"] = f"sqlite:///{local}/mlflow.db"
         expected = "tracking server (http://...)"
     (tmp_path / "train.yaml").write_text(yaml.safe_dump(job))
-    status, logs = _job(ray_pool_cluster, f"python -m pipelines.train {tmp_path / 'train.yaml'}")
-    assert status == "FAILED" and expected in logs and "3 of the cluster's 4 nodes" in logs, logs[-4000:]
+    logs = _refusal(main, tmp_path / "train.yaml", capsys)
+    assert expected in logs and "3 of the cluster's 4 nodes" in logs, logs
     assert mlflow_server.client().get_experiment_by_name(f"refused-{what}") is None  # no run was opened
 
 
