@@ -7,6 +7,7 @@ stage; see pipelines/serve/ingress.py (HTTP) and pipelines/serve/deployments.py 
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import secrets
 import signal
@@ -100,13 +101,31 @@ class AppSettings:
         return StageSettings(**{**DEFAULT_BATCH[stage], **given})
 
 
+@functools.cache
+def _refused_app_class() -> type:
+    """Made on first use: importing Ray Serve takes a second, which `coltran --help` need not pay."""
+    from ray.serve.exceptions import RayServeException
+
+    class AppRefused(ValueError, RayServeException):
+        """Bad application args, or models some nodes lack: Serve reports a RayServeException from the builder
+        at once, where it retries any other exception three times, each in a new worker (~30 s in all on a
+        small cluster) before the application shows DEPLOY_FAILED with the traceback."""
+
+    return AppRefused
+
+
 def build_app(args: dict):
-    """The application graph. Nothing is loaded here: each replica loads its own stage when it starts."""
+    """The application graph. Nothing is loaded here: each replica loads its own stage when it starts. A refusal
+    (bad args, a models directory some nodes lack) raises a ValueError that is also a RayServeException."""
+    from pipelines.io.shared_path import SharedPathError
     from pipelines.serve.deployments import Colorizer, Upsampler
     from pipelines.serve.ingress import Ingress
 
-    settings = AppSettings.from_args(dict(args))
-    _require_models_on_every_node(settings.models)
+    try:
+        settings = AppSettings.from_args(dict(args))
+        _require_models_on_every_node(settings.models)
+    except (ValueError, SharedPathError) as err:
+        raise _refused_app_class()(str(err)) from err
     common = {"models": settings.models, "device": settings.device, "tracking_uri": settings.tracking_uri}
     col = settings.stage("colorizer")
     # @serve.batch never fills a batch above the replica's max_ongoing_requests (a config file may override).
