@@ -19,9 +19,11 @@ def _row_mm(a: torch.Tensor, b: torch.Tensor):
 
 
 def _cpu_backend(gm, example_inputs):
+    # sympy (0.3 s, by symbolic_shapes) is imported here, when compiling, not by every process that imports
+    # the sampler
     from torch._inductor.compile_fx import compile_fx
     from torch._inductor.decomposition import select_decomp_table
-    from torch.fx.experimental.symbolic_shapes import statically_known_true  # sympy: 0.3 s, only when compiling
+    from torch.fx.experimental.symbolic_shapes import statically_known_true
 
     table = select_decomp_table()
     mm, addmm = table.get(aten.mm.default), table.get(aten.addmm.default)
