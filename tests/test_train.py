@@ -197,7 +197,8 @@ def test_resubmission_continues_the_same_runs_and_a_failing_stage_spares_the_oth
         cluster_flow, mlflow_server, ray_pool_cluster):
     # The colour upsampler goes on to 20 steps; the colorizer (asked to go on past its 32 to 40) fails loudly on
     # resume (its checkpoint was made with another architecture) and must neither stop the colour upsampler nor
-    # pass unnoticed; the spatial upsampler had finished its steps: nothing to train, no new registered version.
+    # pass unnoticed; the spatial upsampler had finished its steps: nothing to train (no trainer started), no new
+    # registered version.
     sets = ["stages.color_upsampler.train.max_steps=20",
             "stages.colorizer.train.max_steps=40", "stages.colorizer.model.overrides.hidden_size=64",
             "stages.colorizer.train.max_failures=0"]
@@ -207,6 +208,7 @@ def test_resubmission_continues_the_same_runs_and_a_failing_stage_spares_the_oth
     name, spatial = NAMES["color_upsampler"], NAMES["spatial_upsampler"]
     before = {v.version for v in client.search_model_versions(f"name = '{name}'")}  # other tests register it too
     spatial_before = {v.version for v in client.search_model_versions(f"name = '{spatial}'")}
+    spatial_started = submission_runs(mlflow_server)[2]["spatial_upsampler"].data.tags["coltran.attempt_started_at"]
     logs, seconds = _submit(ray_pool_cluster, command, cluster_flow.root / "resubmission.log")
     print(f"re-submission: {seconds:.1f} s")
     assert "exit=1" in logs and "stage(s) colorizer failed" in logs and "CheckpointError" in logs
@@ -217,6 +219,10 @@ def test_resubmission_continues_the_same_runs_and_a_failing_stage_spares_the_oth
     assert len(children) == 3
     assert {v.version for v in client.search_model_versions(f"name = '{spatial}'")} == spatial_before
     assert runs["spatial_upsampler"].data.tags["coltran.final_step"] == str(PLAN["spatial_upsampler"][2])
+    # finished: exported and registered again (the same version) without a trainer, so no worker started for it
+    steps = PLAN["spatial_upsampler"][2]
+    assert f"stage spatial_upsampler: its run is at step {steps} of max_steps {steps}, nothing to train" in logs
+    assert runs["spatial_upsampler"].data.tags["coltran.attempt_started_at"] == spatial_started
     up = runs["color_upsampler"]
     assert up.data.tags["coltran.restored_from_step"] == "16" and up.data.tags["coltran.final_step"] == "20"
     assert _history(client, up, "loss")[-1][0] == 20
@@ -310,6 +316,30 @@ def test_data_position_counts_epochs_and_resume_skips_consumed_batches():
     assert again.passes == [500017, 500018] and (resumed.epoch, resumed.batch) == (3, 1)
     with pytest.raises(RuntimeError, match="gave no batch of 1 rows"):
         next(train_batches(_Shard(0), 1, DataPosition(), seed=0, device=torch.device("cpu")))
+
+
+def test_a_finished_run_of_another_model_config_is_not_exported(tmp_path):
+    """A re-submission exports a finished stage's latest checkpoint without a trainer (driver.finished_result):
+    one saved with another model config than the job's is refused, as a trainer's restore refuses it."""
+    from ray.train import Checkpoint
+
+    from coltran.checkpoint import CheckpointError, save_checkpoint
+    from pipelines.train.config import job_from_dict
+    from pipelines.train.driver import export_stage
+
+    model = build_model(preset("colorizer", "test"))
+    source = save_checkpoint(tmp_path / "ray-checkpoint", model, ema_state=EMA(model).state_dict(),
+                             optimizer=make_optimizer(model.parameters(), 1e-3), step=8,
+                             trainer_state={"data": {"epoch": 1, "batch": 0}, "rng": [], "world_size": 1})
+    job = {"run_name": "r", "storage_path": str(tmp_path / "runs"), "dataset": str(tmp_path / "data"),
+           "stages": {"colorizer": {"model": {"preset": "test"}}}}
+    assert export_stage(job_from_dict(job), "colorizer", Checkpoint.from_directory(str(source)), "run-id",
+                        tmp_path / "same") == 8
+    job["stages"]["colorizer"]["model"]["overrides"] = {"hidden_size": 64}
+    with pytest.raises(CheckpointError, match="different config: hidden_size"):
+        export_stage(job_from_dict(job), "colorizer", Checkpoint.from_directory(str(source)), "run-id",
+                     tmp_path / "other")
+    assert not (tmp_path / "other").exists()
 
 
 @pytest.mark.parametrize("stage, side", [("colorizer", 64), ("color_upsampler", 64), ("spatial_upsampler", 256)])

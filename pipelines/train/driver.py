@@ -18,7 +18,7 @@ from pathlib import Path
 import mlflow
 import ray
 import yaml
-from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
+from ray.train import CheckpointConfig, DataConfig, FailureConfig, Result, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
 from coltran.checkpoint import load_checkpoint, save_checkpoint
@@ -60,19 +60,39 @@ def build_trainer(job: JobConfig, stage: str, run_id: str, tracking_uri: str) ->
                         datasets=datasets, dataset_config=DataConfig(datasets_to_split=["train"]))
 
 
+def finished_result(job: JobConfig, stage: str):
+    """The stage's Ray Train result when its run's latest checkpoint has already reached max_steps (a
+    re-submission after another stage failed): exporting and registering it needs no trainer, so no workers,
+    pool or data are held for it. None when the run does not exist yet or has steps left."""
+    fs, storage = resolve_path(job.storage_path)
+    try:
+        result = Result.from_path(f"{storage.rstrip('/')}/{job.run_name}-{stage}", storage_filesystem=fs)
+    except RuntimeError:  # no run folder, or no checkpoint recorded in it yet
+        return None
+    step = (result.metrics or {}).get("step")
+    if result.checkpoint is None or step is None or step < job.stage(stage).train.max_steps:
+        return None
+    print(f"stage {stage}: its run is at step {step} of max_steps {job.stage(stage).train.max_steps}, nothing to "
+          "train: exporting and registering its latest checkpoint", flush=True)
+    return result
+
+
 def export_stage(job: JobConfig, stage: str, checkpoint, run_id: str, directory: Path) -> int:
-    """Write the final weights (raw + EMA, no optimizer) of a Ray checkpoint as a coltran checkpoint."""
+    """Write the final weights (raw + EMA, no optimizer) of a Ray checkpoint as a coltran checkpoint; one of
+    another model config than the job's is a CheckpointError, as when a trainer restores it."""
     with checkpoint.as_directory() as source:
-        ckpt = load_checkpoint(source, weights="model", stage=stage, with_training_state=True)
+        ckpt = load_checkpoint(source, weights="model", stage=stage, with_training_state=True,
+                               expected_config=job.stage(stage).model_config(stage))
     meta = {"run_name": job.run_name, "mlflow_run_id": run_id, "ray_checkpoint": checkpoint.path}
     save_checkpoint(directory, ckpt.model, ema_state=ckpt.ema_state, step=ckpt.step, meta=meta)
     return ckpt.step
 
 
 def run_stage(job: JobConfig, stage: str, run_id: str, tracking_uri: str) -> StageOutcome:
-    """Train one stage to its max_steps (resuming when the run exists), export and register it."""
+    """Train one stage to its max_steps (resuming when the run exists; a finished run is only exported), export
+    and register it."""
     try:
-        result = build_trainer(job, stage, run_id, tracking_uri).fit()
+        result = finished_result(job, stage) or build_trainer(job, stage, run_id, tracking_uri).fit()
         if result.error is not None:
             raise result.error
         if result.checkpoint is None:
