@@ -1,5 +1,5 @@
-"""Shared session fixtures: a real MLflow server, a moto S3 server and a token-authenticated Ray pool
-cluster (see services.py and ray_pool.py), all on loopback, started on first use and reaped at the end; the one
+"""Shared session fixtures: a real MLflow server, a moto S3 server, a local Ray for single-machine tests
+(layouts.py) and a token-authenticated Ray pool cluster (see services.py and ray_pool.py), all on loopback, started on first use and reaped at the end; the one
 training submission on them (cluster_flow.py); the demo, started with the session (demo_run.py); test order
 (fast tests first) and the shared-data rule."""
 
@@ -11,6 +11,7 @@ from collections.abc import Iterator
 
 import pytest
 from cluster_flow import Flow, run_flow
+from layouts import LocalRay
 from ray_pool import RayPoolCluster, connected_driver, run_ray_pool_cluster
 from services import MlflowServer, S3Server, run_mlflow_server, run_s3_server, start_watchdog
 from shared_data import DATA, SAMPLE, in_ci, require_shared_data
@@ -28,19 +29,22 @@ def pytest_report_header(config):
 
 
 def pytest_collection_modifyitems(session, config, items):
-    """Fast tests first, so model and transform failures show in the first minute; then the tests that start
-    Ray; then those that read the demo started with the session in the background (late: it runs meanwhile);
-    then those marked `last`; then the HTTP and browser tests of the session's `coltran serve`, so that its Ray
-    and replicas, up from their first test to the session's end, run beside nothing else. The sort is stable:
-    within each group the collection order stays."""
+    """Fast tests first, so model and transform failures show in the first minute; then the tests on the
+    session's local Ray (one start for all of them: this process leaves it to drive the pool cluster); then the
+    other tests that use Ray; then those that read the demo started with the session in the background (late: it
+    runs meanwhile); then those marked `last`; then the HTTP and browser tests of the session's `coltran serve`,
+    so that its Ray and replicas, up from their first test to the session's end, run beside nothing else. The
+    sort is stable: within each group the collection order stays."""
     def group(item) -> int:
         if "served_app" in item.fixturenames:
-            return 4
+            return 5
         if item.get_closest_marker("last"):
-            return 3
+            return 4
         if "demo_run" in item.fixturenames:
-            return 2  # the readers of the background demo: as late as possible
-        return 1 if item.get_closest_marker("ray") else 0
+            return 3  # the readers of the background demo: as late as possible
+        if "ray_local" in item.fixturenames:
+            return 1
+        return 2 if item.get_closest_marker("ray") else 0
     items.sort(key=group)
 
 
@@ -81,6 +85,17 @@ def s3_env(s3_server, monkeypatch) -> dict[str, str]:
     for name, value in s3_server.env.items():
         monkeypatch.setenv(name, value)
     return s3_server.env
+
+
+@pytest.fixture(scope="session")
+def ray_local(s3_server, tmp_path_factory) -> Iterator[LocalRay]:
+    """The session's local Ray for single-machine tests (layouts.LocalRay), up from its first use; its workers
+    reach the session's S3 server and keep downloaded models in a cache of the session's own."""
+    cache = tmp_path_factory.mktemp("model-cache")
+    local = LocalRay(worker_env={**s3_server.env, "AWS_SESSION_TOKEN": None, "AWS_PROFILE": None,
+                                 "COLTRAN_MODEL_CACHE": str(cache)}, model_cache=cache)
+    yield local.ensure()
+    local.stop()
 
 
 @pytest.fixture(scope="session")

@@ -1,6 +1,6 @@
 """Fixture builders (not tests) for the preprocessing tests: one ImageNet subset arranged in every source layout
-(folder tree, tar of per-class tars, .tar.gz, zip, flat folder + labels file, S3 prefixes on a moto server),
-and a local Ray started on loopback with its own auth token."""
+(folder tree, tar of per-class tars, .tar.gz, zip, flat folder + labels file, S3 prefixes on the session's moto
+server); the session's local Ray (LocalRay); killing a job process midway (kill_when)."""
 
 from __future__ import annotations
 
@@ -129,40 +129,46 @@ def env_vars(values: dict[str, str | None]) -> Iterator[None]:
 
 
 @contextmanager
-def moto_s3(bucket: str = "coltran-test") -> Iterator[MotoS3]:
-    """A moto S3 server thread on a free loopback port, with dummy credentials and AWS_ENDPOINT_URL set in
-    os.environ (so Ray workers started afterwards inherit them)."""
-    from moto.server import ThreadedMotoServer
-
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    endpoint = f"http://{host}:{port}"
-    creds = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
-             "AWS_ENDPOINT_URL": endpoint, "AWS_SESSION_TOKEN": None, "AWS_PROFILE": None}
-    try:
-        with env_vars(creds):
-            s3 = MotoS3(endpoint, bucket)
-            s3.client().create_bucket(Bucket=bucket)
-            yield s3
-    finally:
-        server.stop()
+def s3_bucket(server, bucket: str) -> Iterator[MotoS3]:
+    """A new bucket on the session's S3 server (services.S3Server), with its endpoint and dummy credentials set in
+    os.environ for the caller (the driver side of a job) until the context ends. The session's local Ray (LocalRay)
+    gives its workers the same endpoint and credentials."""
+    server.create_bucket(bucket)
+    with env_vars({**server.env, "AWS_SESSION_TOKEN": None, "AWS_PROFILE": None}):
+        yield MotoS3(server.endpoint_url, bucket)
 
 
-@contextmanager
-def local_ray(num_cpus: int = 2) -> Iterator[None]:
-    """A private local Ray on 127.0.0.2, stopped with ray.shutdown(). RAY_AUTH_MODE is left unset, so ray.init
-    does what it does for a cluster it starts: token auth on, with ~/.ray/auth_token (created if missing);
-    setting the variable by hand after `import ray` would not reach Ray's cached config."""
-    import ray
+@dataclass
+class LocalRay:
+    """The session's local Ray for single-machine tests (conftest's `ray_local`): this machine's CPU count, token
+    auth on, its workers started with `worker_env` (the session's S3 endpoint and credentials, a model cache of the
+    session's own). `ensure()` starts it when this process is not a Ray driver; a test that connects this process
+    to another cluster stops it first (ray_pool.connected_driver), and conftest runs every test that uses it
+    before those, so it starts once and its workers (torch and the product imported) serve every module."""
 
-    with env_vars({"RAY_AUTH_MODE": None, "RAY_ADDRESS": None, "RAY_USAGE_STATS_ENABLED": "0"}):
-        ray.init(_node_ip_address="127.0.0.2", num_cpus=num_cpus, object_store_memory=300_000_000,
-                 include_dashboard=False, log_to_driver=False)
-        try:
-            yield
-        finally:
-            ray.shutdown()
+    worker_env: dict[str, str | None]
+    model_cache: Path
+    num_cpus: int = field(default_factory=lambda: os.cpu_count() or 1)  # no extra logical CPUs
+    starts: int = 0
+
+    def ensure(self) -> LocalRay:
+        """Start it unless this process is already a Ray driver. RAY_AUTH_MODE is left unset, so ray.init does
+        what it does for a cluster it starts: token auth on, with ~/.ray/auth_token (created if missing);
+        setting the variable by hand after `import ray` would not reach Ray's cached config."""
+        import ray
+
+        if not ray.is_initialized():
+            with env_vars({**self.worker_env, "RAY_AUTH_MODE": None, "RAY_ADDRESS": None,
+                           "RAY_USAGE_STATS_ENABLED": "0"}):
+                ray.init(_node_ip_address="127.0.0.2", num_cpus=self.num_cpus, object_store_memory=300_000_000,
+                         include_dashboard=False, log_to_driver=False)
+            self.starts += 1
+        return self
+
+    def stop(self) -> None:
+        import ray
+
+        ray.shutdown()
 
 
 def kill_when(proc, ready, log: Path, timeout: float, poll: float = 0.3):

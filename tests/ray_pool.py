@@ -108,6 +108,8 @@ def connected_driver(cluster: RayPoolCluster) -> Iterator[RayPoolCluster]:
     """`ray.init(address=...)` from this process with the cluster's auth env; undone (env too) on exit."""
     import ray
 
+    if ray.is_initialized():  # a process drives one cluster at a time: the session's local Ray (conftest) stops
+        ray.shutdown()
     saved = {name: os.environ.get(name) for name in (*cluster.env, *_FOREIGN_VARS)}
     os.environ.update(cluster.env)
     for name in _FOREIGN_VARS:

@@ -18,7 +18,7 @@ from pathlib import Path
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import pytest
-from layouts import SAMPLE, local_ray
+from layouts import SAMPLE
 from shared_data import needs_shared_data
 
 from pipelines.io.archives import MAX_MEMBER_BYTES, ArchiveLimits, iter_archive
@@ -161,7 +161,7 @@ def test_caps_are_settable(bombs):
 
 
 @pytest.mark.ray
-def test_preprocess_records_each_refusal_as_a_failure_row(bombs, tmp_path):
+def test_preprocess_records_each_refusal_as_a_failure_row(bombs, tmp_path, ray_local):
     """The job's failures table has each refusal; `read_sources`, the reader of the batch and evaluation jobs, gives
     the same error rows (their manifests record them), here without the zip (a key filter skips a zip member
     unread, so it spends no budget: the filtered zip would let 100 MiB members through to the object store)."""
@@ -170,12 +170,11 @@ def test_preprocess_records_each_refusal_as_a_failure_row(bombs, tmp_path):
 
     src, _ = bombs
     small = frozenset(k for k in EXPECTED if not k.startswith("flat"))
-    with local_ray():
-        manifest = run_preprocess(PreprocessSettings(sources=[str(src)], dest=str(tmp_path / "out"),
-                                                     heldout_fraction=0.0, min_rows_per_file=8))
-        rows = read_sources([str(src)], infer_labels=False, key_filter=functools.partial(operator.contains, small))
-        errors = {r["key"]: split_error(r["error"])[0] for r in rows.select_columns(["key", "error"]).take_all()
-                  if r["error"]}
+    manifest = run_preprocess(PreprocessSettings(sources=[str(src)], dest=str(tmp_path / "out"),
+                                                 heldout_fraction=0.0, min_rows_per_file=8))
+    rows = read_sources([str(src)], infer_labels=False, key_filter=functools.partial(operator.contains, small))
+    errors = {r["key"]: split_error(r["error"])[0] for r in rows.select_columns(["key", "error"]).take_all()
+              if r["error"]}
     assert errors == {k: v for k, v in EXPECTED.items() if v != "ok" and k in small}
     failures = {r["key"]: r["reason"] for r in pq.read_table(tmp_path / "out" / "failures.parquet").to_pylist()}
     want = {k: v for k, v in EXPECTED.items() if v != "ok"}

@@ -16,7 +16,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 from corpus import build_bad_image_corpus, build_hostile_tar, build_hostile_zip
-from layouts import SAMPLE, env_vars, kill_when, local_ray
+from layouts import SAMPLE, env_vars, kill_when
 from PIL import Image
 from shared_data import needs_shared_data
 
@@ -47,9 +47,10 @@ def models(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def ray_s3(s3_server):
-    """A local Ray whose workers inherit the S3 server's endpoint and credentials."""
-    with env_vars({**s3_server.env, "AWS_SESSION_TOKEN": None, "AWS_PROFILE": None}), local_ray(num_cpus=2):
+def ray_s3(s3_server, ray_local):
+    """The session's local Ray (its workers reach the S3 server), with the S3 server's endpoint and credentials
+    set here too, for the jobs' driver side."""
+    with env_vars({**s3_server.env, "AWS_SESSION_TOKEN": None, "AWS_PROFILE": None}):
         yield s3_server
 
 

@@ -14,7 +14,7 @@ import tarfile
 
 import pyarrow.parquet as pq
 import pytest
-from layouts import SAMPLE, kill_when, local_ray
+from layouts import SAMPLE, kill_when
 from shared_data import needs_shared_data
 
 from coltran.init_models import init_models
@@ -54,12 +54,6 @@ def _write_archive(path, photos: dict[str, bytes], links: set[str] = frozenset()
                 for name, data in members:
                     _add(tf, name, data, link=f"{folder}/{name}" in links)
             _add(outer, f"{folder}.tar", buffer.getvalue())
-
-
-@pytest.fixture(scope="module")
-def ray_local():
-    with local_ray(num_cpus=2):
-        yield
 
 
 @pytest.mark.ray

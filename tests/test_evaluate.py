@@ -19,7 +19,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import torch
-from layouts import SAMPLE, env_vars, local_ray, require_shared_data
+from layouts import SAMPLE, env_vars, require_shared_data
 
 from coltran.checkpoint import load_checkpoint, save_checkpoint
 from coltran.configs import STAGE_NAMES, ConfigError, resolve_config
@@ -101,16 +101,16 @@ def trained(tmp_path_factory, one_thread):
 
 
 @pytest.fixture(scope="module")
-def services(tmp_path_factory, mlflow_server, trained):
+def services(mlflow_server, trained, ray_local):
     """The session's MLflow server with the trained stages registered (as NAMES) under a training-style parent run
-    with alias `candidate`, and a local Ray with this machine's CPUs whose workers keep their model cache here."""
+    with alias `candidate`, and the session's local Ray (this machine's CPUs), whose model cache this process
+    shares."""
     runs = open_submission(f"train-for-eval-{TOKEN}", list(STAGE_NAMES), experiment=f"eval-test-{TOKEN}",
                            tracking_uri=mlflow_server.uri)
     for stage in STAGE_NAMES:
         register_stage(trained[0] / stage, run_id=runs.children[stage], name=NAMES[stage], alias="candidate",
                        tracking_uri=mlflow_server.uri)
-    cache = tmp_path_factory.mktemp("model-cache")
-    with env_vars({"COLTRAN_MODEL_CACHE": str(cache)}), local_ray(num_cpus=CPUS):  # no extra logical CPUs
+    with env_vars({"COLTRAN_MODEL_CACHE": str(ray_local.model_cache)}):
         yield mlflow_server, runs
 
 

@@ -13,7 +13,7 @@ import pyarrow.parquet as pq
 import pytest
 import ray
 from corpus import build_bad_image_corpus, build_hostile_tar, build_hostile_zip
-from layouts import SAMPLE, build_layouts, local_ray, moto_s3
+from layouts import SAMPLE, build_layouts, s3_bucket
 from shared_data import needs_shared_data
 
 from coltran.imageio import decode_image
@@ -42,16 +42,15 @@ def layouts(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def s3(layouts):
-    with moto_s3() as server:
-        server.upload(layouts.tree, "imagenet/train")
-        yield server
+def s3(layouts, s3_server):
+    with s3_bucket(s3_server, "preprocess-layouts") as bucket:
+        bucket.upload(layouts.tree, "imagenet/train")
+        yield bucket
 
 
 @pytest.fixture(scope="module")
-def ray_session(s3):  # after the S3 server, so Ray's workers inherit its endpoint and credentials
-    with local_ray():
-        yield
+def ray_session(s3, ray_local):  # the session's local Ray: its workers reach the S3 server
+    return ray_local
 
 
 @pytest.fixture(scope="module")

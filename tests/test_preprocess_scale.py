@@ -20,7 +20,7 @@ import pyarrow.parquet as pq
 import pytest
 import ray
 from corpus import build_tar_of_tars
-from layouts import SAMPLE, kill_when, local_ray, moto_s3
+from layouts import SAMPLE, kill_when, s3_bucket
 from shared_data import needs_shared_data
 
 from coltran.imageio import decode_image
@@ -116,9 +116,8 @@ def archive(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def ray_session():
-    with local_ray():
-        yield
+def ray_session(ray_local):
+    return ray_local
 
 
 @pytest.fixture(scope="module")
@@ -165,11 +164,11 @@ def test_one_pass_over_a_tar_of_tars(archive, counted_run):
     assert manifest["work_items"]["count"] == INNER and not (dest / "_progress").exists()
 
 
-def test_tar_of_tars_on_s3_is_read_by_range_requests(archive, counted_run, tmp_path):
+def test_tar_of_tars_on_s3_is_read_by_range_requests(archive, counted_run, tmp_path, s3_server):
     """The same archive on a moto S3 server, read through the counting wrapper around pyarrow's S3 filesystem:
     the driver's header index and the tasks' inner tars are range requests adding up to about the archive."""
     path, images, bad = archive
-    with moto_s3() as server:
+    with s3_bucket(s3_server, "preprocess-scale") as server:
         server.client().upload_file(str(path), server.bucket, "imagenet/train.tar")
         s3 = pafs.S3FileSystem(access_key="testing", secret_key="testing", region="us-east-1", scheme="http",
                                endpoint_override=server.endpoint_url.removeprefix("http://"))

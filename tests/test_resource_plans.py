@@ -12,7 +12,6 @@ import time
 
 import pyarrow.parquet as pq
 import pytest
-from layouts import local_ray
 
 from coltran.configs import ConfigError
 from pipelines.batch.settings import PoolSpec
@@ -203,9 +202,9 @@ def test_an_autoscaling_cluster_is_planned_on_the_nodes_it_may_add():
 # --- on a real local Ray with this machine's CPU count -------------------------------------------------------
 
 @pytest.fixture(scope="module")
-def ray_here():
-    with local_ray(num_cpus=CPUS):
-        yield
+def ray_here(ray_local):
+    assert ray_local.num_cpus == CPUS  # this machine's CPU count, no extra logical CPUs
+    return ray_local
 
 
 @pytest.fixture(scope="module")

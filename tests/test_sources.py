@@ -9,7 +9,7 @@ import tarfile
 import pyarrow.fs as pafs
 import pytest
 from corpus import build_hostile_tar, build_hostile_zip
-from layouts import SAMPLE, build_layouts, local_ray, moto_s3
+from layouts import SAMPLE, build_layouts, s3_bucket
 from shared_data import needs_shared_data
 
 from pipelines.io.archives import name_problem
@@ -28,8 +28,8 @@ def layouts(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def s3(layouts):
-    with moto_s3() as server:
+def s3(layouts, s3_server):
+    with s3_bucket(s3_server, "sources-layouts") as server:
         server.upload(layouts.tree, "imagenet/train")
         per_class = layouts.root / "per_class"  # an S3 prefix of per-class tars (ImageNet train, expanded once)
         with tarfile.open(layouts.tar_of_tars) as outer:
@@ -40,9 +40,8 @@ def s3(layouts):
 
 
 @pytest.fixture(scope="module")
-def ray_session(s3):  # after the S3 server, so Ray's workers inherit its endpoint and credentials
-    with local_ray():
-        yield
+def ray_session(s3, ray_local):  # the session's local Ray: its workers reach the S3 server
+    return ray_local
 
 
 def _rows(ds) -> dict[str, dict]:

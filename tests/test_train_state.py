@@ -153,34 +153,32 @@ def test_epoch_length_comes_from_the_parquet_footers(tmp_path):
 
 
 @pytest.mark.ray
-def test_two_shards_of_a_real_streaming_split_end_the_resumed_epoch_together():
+def test_two_shards_of_a_real_streaming_split_end_the_resumed_epoch_together(ray_local):
     """Ray Data's streaming split (equal=True, as Ray Train makes it): both ranks resume at batch 3 of 5, stop
     the epoch early, and the next epoch starts on both; nothing waits forever."""
     import threading
 
     import ray.data
-    from layouts import local_ray
 
-    with local_ray(num_cpus=2):
-        shards = ray.data.range(50, override_num_blocks=5).streaming_split(2, equal=True)
-        positions, errors = {}, []
+    shards = ray.data.range(50, override_num_blocks=5).streaming_split(2, equal=True)
+    positions, errors = {}, []
 
-        def run(rank: int) -> None:
-            try:
-                position = DataPosition(epoch=0, batch=3)
-                batches = train_batches(shards[rank], 5, position, 0, torch.device("cpu"), per_epoch=(50 // 2) // 5)
-                seen = []
-                for _ in range(2 + 1):
-                    next(batches)
-                    seen.append((position.epoch, position.batch))
-                positions[rank] = (seen[1], seen[2])
-            except Exception as err:  # noqa: BLE001 - reported by the assert below
-                errors.append(err)
+    def run(rank: int) -> None:
+        try:
+            position = DataPosition(epoch=0, batch=3)
+            batches = train_batches(shards[rank], 5, position, 0, torch.device("cpu"), per_epoch=(50 // 2) // 5)
+            seen = []
+            for _ in range(2 + 1):
+                next(batches)
+                seen.append((position.epoch, position.batch))
+            positions[rank] = (seen[1], seen[2])
+        except Exception as err:  # noqa: BLE001 - reported by the assert below
+            errors.append(err)
 
-        threads = [threading.Thread(target=run, args=(rank,)) for rank in range(2)]
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join(120)
-        assert not errors and not any(t.is_alive() for t in threads), errors
-        assert positions == {rank: ((0, 5), (1, 1)) for rank in range(2)}
+    threads = [threading.Thread(target=run, args=(rank,)) for rank in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(120)
+    assert not errors and not any(t.is_alive() for t in threads), errors
+    assert positions == {rank: ((0, 5), (1, 1)) for rank in range(2)}
