@@ -167,18 +167,23 @@ def _snapshot(root: Path, skip: Path) -> dict[str, int]:
 
 
 def test_bad_inputs_every_item_accounted_nothing_outside_dest(tmp_path, ray_session):
-    inputs = tmp_path / "in"
+    # Inputs and DEST two levels down: a traversal of up to three levels out of DEST still lands under tmp_path,
+    # which only this test writes (the session's background demo and services write elsewhere in the base temp
+    # directory, so a snapshot of all of it changes under the test); named escapes are looked for further up.
+    jail = tmp_path / "a" / "b"
+    inputs = jail / "in"
     corpus = build_bad_image_corpus(inputs / "corpus")
     good = next(SAMPLE.glob("*.JPEG")).read_bytes()
     (inputs / "archives").mkdir()
     members = {"hostile.tar": build_hostile_tar(inputs / "archives" / "hostile.tar", good),
                "hostile.zip": build_hostile_zip(inputs / "archives" / "hostile.zip", good)}
-    dest = tmp_path / "out"
-    before = _snapshot(tmp_path.parent, dest)
+    dest = jail / "out"
+    before = _snapshot(tmp_path, dest)
     manifest = run_preprocess(PreprocessSettings(sources=[str(inputs / "corpus"), str(inputs / "archives")],
                                                  dest=str(dest), heldout_fraction=0.5))
-    assert _snapshot(tmp_path.parent, dest) == before
-    assert not Path("/abs/evil.jpg").exists() and not any(tmp_path.parent.parent.glob("evil*.jpg"))
+    assert _snapshot(tmp_path, dest) == before
+    assert not Path("/abs/evil.jpg").exists()
+    assert not [p for up in (tmp_path.parent, tmp_path.parent.parent, Path.cwd()) for p in up.glob("evil*.jpg")]
     failures = {r["key"]: r for r in pq.read_table(dest / "failures.parquet").to_pylist()}
     expect_ok = {i.name: i for i in corpus if i.expect == "ok"}
     expect_fail = {i.name: i.reason for i in corpus if i.expect == "fail"}
