@@ -1,7 +1,7 @@
 """Shared session fixtures: a real MLflow server, a moto S3 server, a local Ray for single-machine tests
-(layouts.py) and a token-authenticated Ray pool cluster (see services.py and ray_pool.py), all on loopback, started on first use and reaped at the end; the one
-training submission on them (cluster_flow.py); the demo, started with the session (demo_run.py); test order
-(fast tests first) and the shared-data rule."""
+(layouts.py) and a token-authenticated Ray pool cluster (see services.py and ray_pool.py), all on loopback,
+started on first use and reaped at the end; the one training submission on them (cluster_flow.py); the demo,
+started with the session (demo_run.py); test order (fast tests first) and the shared-data rule."""
 
 from __future__ import annotations
 

@@ -149,7 +149,6 @@ class LocalRay:
     worker_env: dict[str, str | None]
     model_cache: Path
     num_cpus: int = field(default_factory=lambda: os.cpu_count() or 1)  # no extra logical CPUs
-    starts: int = 0
 
     def ensure(self) -> LocalRay:
         """Start it unless this process is already a Ray driver. RAY_AUTH_MODE is left unset, so ray.init does
@@ -162,7 +161,6 @@ class LocalRay:
                            "RAY_USAGE_STATS_ENABLED": "0"}):
                 ray.init(_node_ip_address="127.0.0.2", num_cpus=self.num_cpus, object_store_memory=300_000_000,
                          include_dashboard=False, log_to_driver=False)
-            self.starts += 1
         return self
 
     def stop(self) -> None:
