@@ -92,8 +92,7 @@ def ray_local(s3_server, tmp_path_factory) -> Iterator[LocalRay]:
     """The session's local Ray for single-machine tests (layouts.LocalRay), up from its first use; its workers
     reach the session's S3 server and keep downloaded models in a cache of the session's own."""
     cache = tmp_path_factory.mktemp("model-cache")
-    local = LocalRay(worker_env={**s3_server.env, "AWS_SESSION_TOKEN": None, "AWS_PROFILE": None,
-                                 "COLTRAN_MODEL_CACHE": str(cache)}, model_cache=cache)
+    local = LocalRay(worker_env={**s3_server.env_overrides, "COLTRAN_MODEL_CACHE": str(cache)}, model_cache=cache)
     yield local.ensure()
     local.stop()
 

@@ -134,7 +134,7 @@ def s3_bucket(server, bucket: str) -> Iterator[MotoS3]:
     os.environ for the caller (the driver side of a job) until the context ends. The session's local Ray (LocalRay)
     gives its workers the same endpoint and credentials."""
     server.create_bucket(bucket)
-    with env_vars({**server.env, "AWS_SESSION_TOKEN": None, "AWS_PROFILE": None}):
+    with env_vars(server.env_overrides):
         yield MotoS3(server.endpoint_url, bucket)
 
 

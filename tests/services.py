@@ -233,6 +233,12 @@ class S3Server:
         return {"AWS_ENDPOINT_URL": self.endpoint_url, "AWS_ACCESS_KEY_ID": self.access_key,
                 "AWS_SECRET_ACCESS_KEY": self.secret_key, "AWS_DEFAULT_REGION": self.region}
 
+    @property
+    def env_overrides(self) -> dict[str, str | None]:
+        """`env` plus the unsetting (None, for layouts.env_vars) of a session token or profile that would
+        otherwise be sent along with the dummy credentials."""
+        return {**self.env, "AWS_SESSION_TOKEN": None, "AWS_PROFILE": None}
+
     def client(self):
         import boto3
 

@@ -50,7 +50,7 @@ def models(tmp_path_factory):
 def ray_s3(s3_server, ray_local):
     """The session's local Ray (its workers reach the S3 server), with the S3 server's endpoint and credentials
     set here too, for the jobs' driver side."""
-    with env_vars({**s3_server.env, "AWS_SESSION_TOKEN": None, "AWS_PROFILE": None}):
+    with env_vars(s3_server.env_overrides):
         yield s3_server
 
 
