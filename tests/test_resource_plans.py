@@ -233,7 +233,7 @@ def test_the_plan_is_sized_from_what_ray_reports(ray_here):
 
 @pytest.mark.ray
 @pytest.mark.parametrize("verb", ["colorize", "evaluate"])
-def test_an_unplaceable_plan_is_refused_within_seconds(verb, ray_here, models, photos, tmp_path, capsys):
+def test_an_unplaceable_plan_is_refused_before_anything_runs(verb, ray_here, models, photos, tmp_path, capsys):
     out = tmp_path / "out"
     pool = "colorizer" if verb == "colorize" else "inception"
     argv = [verb, str(photos), "--models", str(models), "--out", str(out), f"--set={pool}.num_cpus={CPUS + 1}"]
@@ -241,10 +241,10 @@ def test_an_unplaceable_plan_is_refused_within_seconds(verb, ray_here, models, p
         argv += ["--reference", str(photos), "--num-images", "2", "--num-reference", "2", "--no-mlflow"]
     start = time.monotonic()
     code = coltran_main(argv)
-    took = time.monotonic() - start
     err = capsys.readouterr().err
-    print(f"{verb} refused in {took:.1f} s")
-    assert code == 2 and took < 20, took
+    print(f"{verb} refused in {time.monotonic() - start:.1f} s")
+    # the planner's static refusal (not a placement that timed out: that would wait, or hang until pytest's timeout)
+    assert code == 2, err
     assert f"error: {verb}: this resource plan can never be placed" in err
     assert f"{pool}: 1 actor x {CPUS + 1} CPU <- larger than any node" in err
     assert f"The cluster has 1 node, {CPUS} CPUs" in err
