@@ -115,6 +115,10 @@ class JobConfig:
     def enabled_stages(self) -> list[str]:
         return [name for name in STAGE_NAMES if self.stage(name).enabled]
 
+    def stage_run_name(self, stage: str) -> str:
+        """The stage's Ray Train run: its folder under storage_path, the same at every re-submission."""
+        return f"{self.run_name}-{stage}"
+
     def validate(self) -> None:
         for name in ("run_name", "storage_path", "dataset"):
             if not getattr(self, name):

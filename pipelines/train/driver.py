@@ -51,7 +51,7 @@ def build_trainer(job: JobConfig, stage: str, run_id: str, tracking_uri: str) ->
     scaling = ScalingConfig(num_workers=s.num_workers, use_gpu=s.use_gpu, resources_per_worker=resources,
                             label_selector={"pool": s.pool} if s.pool else None)
     fs, storage = resolve_path(job.storage_path)
-    run_config = RunConfig(name=f"{job.run_name}-{stage}", storage_path=storage, storage_filesystem=fs,
+    run_config = RunConfig(name=job.stage_run_name(stage), storage_path=storage, storage_filesystem=fs,
                            checkpoint_config=CheckpointConfig(num_to_keep=t.keep_checkpoints),
                            failure_config=FailureConfig(max_failures=t.max_failures))
     datasets = {"train": open_train_dataset(job.dataset, stage, job.train_split, job.cache_train_below_mb)}
@@ -66,7 +66,7 @@ def finished_result(job: JobConfig, stage: str):
     pool or data are held for it. None when the run does not exist yet or has steps left."""
     fs, storage = resolve_path(job.storage_path)
     try:
-        result = Result.from_path(f"{storage.rstrip('/')}/{job.run_name}-{stage}", storage_filesystem=fs)
+        result = Result.from_path(f"{storage.rstrip('/')}/{job.stage_run_name(stage)}", storage_filesystem=fs)
     except RuntimeError:  # no run folder, or no checkpoint recorded in it yet
         return None
     step = (result.metrics or {}).get("step")

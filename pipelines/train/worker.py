@@ -202,7 +202,7 @@ class _Loop:
         stage, _, step = target.partition(":")
         if self.rank != 0 or stage != self.stage or not step.isdigit() or int(step) != self.state.step:
             return
-        run_dir = f"{self.job.storage_path}/{self.job.run_name}-{self.stage}"
+        run_dir = f"{self.job.storage_path}/{self.job.stage_run_name(self.stage)}"
         fs, marker = resolve_path(f"{run_dir}.fault-injected")
         if fs.get_file_info(marker).type != pafs.FileType.NotFound:
             return
