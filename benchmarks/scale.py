@@ -209,7 +209,8 @@ def object_store_bytes(images: int, encoding: str) -> dict:
     from pipelines.batch.resume import DoneKeys
     from pipelines.batch.settings import load_settings
     from pipelines.batch.tasks import JobContext, prepare_batch
-    from pipelines.inference.stages import STAGE_ACTORS, objects
+    from pipelines.inference.columns import objects
+    from pipelines.inference.stages import STAGE_ACTORS
 
     files = sorted(SAMPLE.glob("*.JPEG"))[:images]
     raw = [p.read_bytes() if encoding == "jpeg" else _as_png(p.read_bytes()) for p in files]

@@ -18,6 +18,7 @@ from coltran.imageio import decode_image
 from coltran.transforms import area_resize, downsample_4x, rgb_to_gray, square_crop_box
 
 CROPS = ("full", "center")
+RESOLUTIONS = ("full", "256")  # of the pipeline's outputs: the input's own size, or 256x256
 
 
 @dataclass

@@ -24,11 +24,9 @@ import torch
 from coltran.checkpoint import CheckpointError, load_checkpoint
 from coltran.chroma import transfer_chroma
 from coltran.configs import STAGE_NAMES
-from coltran.inputs import PreparedImage, prepare_image
+from coltran.inputs import RESOLUTIONS, PreparedImage, prepare_image
 from coltran.sampling import sample_colorizer
 from coltran.transforms import from_3bit, upsample_4x
-
-RESOLUTIONS = ("full", "256")
 
 
 def to_tensor(array, device: torch.device | str) -> torch.Tensor:

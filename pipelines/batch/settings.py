@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from coltran.configs import ConfigError
-from coltran.pipeline import RESOLUTIONS
+from coltran.inputs import RESOLUTIONS
 from pipelines.job_config import load_strict
 
 MODES, CROPS, FORMATS, DEVICES = ("sample", "argmax"), ("full", "center"), ("png", "jpeg"), ("auto", "cpu", "cuda")

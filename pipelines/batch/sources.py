@@ -18,7 +18,7 @@ from pipelines.batch.resume import DoneKeys
 from pipelines.batch.settings import BatchSettings
 from pipelines.batch.tasks import JobContext, prepare_batch
 from pipelines.dataset.format import read_manifest, read_tensor_column
-from pipelines.inference.stages import objects
+from pipelines.inference.columns import objects
 from pipelines.io.parquet import read_parquet
 from pipelines.io.s3 import resolve_path
 from pipelines.io.sources import plan_sources

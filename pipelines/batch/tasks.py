@@ -24,7 +24,7 @@ from coltran.inputs import prepare_image
 from pipelines.batch.manifest import identity, now, write_part
 from pipelines.batch.outputs import image_seed, output_relpath, put_bytes
 from pipelines.batch.resume import DoneKeys
-from pipelines.inference.stages import GRAY_SHAPES, objects
+from pipelines.inference.columns import GRAY_SHAPES, objects
 from pipelines.io.sources import split_error
 
 

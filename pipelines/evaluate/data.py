@@ -18,7 +18,7 @@ from coltran.transforms import prepare_example
 from pipelines.batch.outputs import image_seed, source_labels
 from pipelines.batch.sources import parquet_paths
 from pipelines.dataset.format import read_tensor_column
-from pipelines.inference.stages import objects
+from pipelines.inference.columns import objects
 from pipelines.io.parquet import read_parquet
 from pipelines.io.s3 import resolve_path
 from pipelines.io.sources import plan_sources

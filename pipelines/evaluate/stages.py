@@ -16,7 +16,7 @@ from coltran.imageio import encode_image
 from coltran.metrics import InceptionFeatures, colourfulness
 from coltran.pipeline import to_tensor
 from coltran.transforms import rgb_to_gray
-from pipelines.inference.stages import objects
+from pipelines.inference.columns import objects
 
 IMAGE_COLUMNS = ("gray_64", "gray_256", "rgb_64", "rgb_256", "truth_256", "colors3")
 

@@ -12,15 +12,6 @@ import torch
 
 from coltran.pipeline import ColTranPipeline
 
-GRAY_SHAPES = {"gray_64": (64, 64), "gray_256": (256, 256)}
-
-
-def objects(values: list) -> np.ndarray:
-    """A 1-d object array (numpy would turn equal-length sequences into a 2-d array)."""
-    out = np.empty(len(values), dtype=object)
-    out[:] = values
-    return out
-
 
 class StageActor:
     """Base of the per-stage actors: load `checkpoint` (a directory or models:/<name>/<version>) once."""
