@@ -10,10 +10,12 @@ from pathlib import Path
 from typing import Any
 
 from coltran.configs import ConfigError
-from coltran.inputs import RESOLUTIONS
+from coltran.imageio import SUPPORTED_OUTPUT_FORMATS as FORMATS
+from coltran.inputs import CROPS, RESOLUTIONS
 from pipelines.job_config import load_strict
 
-MODES, CROPS, FORMATS, DEVICES = ("sample", "argmax"), ("full", "center"), ("png", "jpeg"), ("auto", "cpu", "cuda")
+# (coltran.sampling says MODES too, but importing it loads torch, which the CPU tasks that import this never need)
+MODES, DEVICES = ("sample", "argmax"), ("auto", "cpu", "cuda")
 
 
 @dataclass
