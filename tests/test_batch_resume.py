@@ -1,8 +1,9 @@
-"""Batch resume of an archive input after a real kill (issue 20): an ImageNet-shaped tar of tars is colorized by a
-job process that is SIGKILLed by its pid once some outputs are recorded; the re-run finishes the rest, redoes
-nothing (output files untouched) and writes one manifest row per input. Between the runs every finished member of
-the archive is replaced by a symbolic link, which the reader would report as a failure if it looked at it: the
-re-run reports them as done by the first attempt, so finished members are skipped before they are read."""
+"""Batch resume after a real kill (issue 20): a folder of photos and an ImageNet-shaped tar of tars, colorized in
+one job by a job process that is SIGKILLed by its pid once some outputs are recorded; the re-run finishes the rest,
+redoes nothing (output files and finish times untouched, no temporary file left) and writes one manifest row per
+input. Between the runs every finished member of the archive is replaced by a symbolic link, which the reader would
+report as a failure if it looked at it: the re-run reports them as done by the first attempt, so finished members
+are skipped before they are read."""
 
 from __future__ import annotations
 
@@ -57,19 +58,24 @@ def _write_archive(path, photos: dict[str, bytes], links: set[str] = frozenset()
 
 
 @pytest.mark.ray
-def test_killed_archive_job_resumes_without_reading_finished_members(tmp_path, ray_local):
+def test_killed_job_resumes_without_redoing_work_or_reading_finished_members(tmp_path, ray_local):
     import ray
 
     models = init_models(tmp_path / "models", "test")
-    files = sorted(SAMPLE.glob("*.JPEG"))[:6]
+    files = sorted(SAMPLE.glob("*.JPEG"))[:10]
     photos, i = {}, 0
     for folder, count in LAYOUT.items():
         for path in files[i:i + count]:
             photos[f"{folder}{path.name}"] = path.read_bytes()
         i += count
+    (tmp_path / "folder").mkdir()
+    for path in files[i:]:
+        (tmp_path / "folder" / path.name).write_bytes(path.read_bytes())
     archive, dest = tmp_path / "shots.tar", tmp_path / "out"
     _write_archive(archive, photos)
-    args = ["colorize", str(archive), "--models", str(models), "--out", str(dest), "--batch", *ONE_PER_BATCH]
+    inputs = [f"shots/{key}" for key in photos] + [f"folder/{p.name}" for p in files[i:]]  # the job's keys
+    args = ["colorize", str(archive), str(tmp_path / "folder"), "--models", str(models), "--out", str(dest),
+            "--batch", *ONE_PER_BATCH]
     env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_USAGE_STATS_ENABLED": "0"}
     env.pop("RAY_ADDRESS", None)
     log = tmp_path / "first.log"
@@ -83,21 +89,25 @@ def test_killed_archive_job_resumes_without_reading_finished_members(tmp_path, r
     kill_when(proc, lambda: any(r["status"] == "done" for r in read_parts(local, str(dest))[0].to_pylist()), log,
               timeout=240)
     first = {r["key"]: r for r in read_parts(local, str(dest))[0].to_pylist() if r["status"] == "done"}
-    assert not (dest / "manifest.parquet").exists() and 0 < len(first) < len(photos), "the kill should land midway"
+    assert not (dest / "manifest.parquet").exists() and 0 < len(first) < len(inputs), "the kill should land midway"
     stamps = {k: [(dest / o).stat().st_mtime_ns for o in r["outputs"]] for k, r in first.items()}
-    _write_archive(archive, photos, links=set(first))  # finished members can no longer be read as images
-    print(f"killed after {len(first)} of {len(photos)} done: {sorted(first)}")
+    # finished members of the archive can no longer be read as images
+    _write_archive(archive, photos, links={k.removeprefix("shots/") for k in first if k.startswith("shots/")})
+    print(f"killed after {len(first)} of {len(inputs)} done: {sorted(first)}")
 
     assert coltran_main(args) == 0
     rows = pq.read_table(dest / "manifest.parquet").to_pylist()
-    assert sorted(r["key"] for r in rows) == sorted(photos), "one row per input, no duplicates"
+    assert sorted(r["key"] for r in rows) == sorted(inputs), "one row per input, no duplicates"
     for row in rows:
         if row["key"] in first:
             assert (row["status"], row["reason"], row["attempt"]) == ("skipped", "already_done", 1), row
             assert row["outputs"] == first[row["key"]]["outputs"]
+            assert row["finished_at"] == first[row["key"]]["finished_at"]
             assert [(dest / o).stat().st_mtime_ns for o in row["outputs"]] == stamps[row["key"]], "redone"
         else:
             assert (row["status"], row["attempt"], row["resolution"]) == ("done", 2, "full"), row
-    images = sorted(p.relative_to(dest).as_posix() for p in dest.rglob("*.png") if p.parts[-2] != "_tmp")
-    assert images == sorted(o for r in rows for o in r["outputs"]) and len(images) == len(photos)
+    images = sorted(p.relative_to(dest).as_posix() for p in dest.rglob("*")  # outputs mirror the keys in DEST
+                    if p.is_file() and p.suffix == ".png" and p.relative_to(dest).parts[0] != "_tmp")
+    assert images == sorted(o for r in rows for o in r["outputs"]) and len(images) == len(inputs)
+    assert not any((dest / "_tmp").glob("*"))
     assert len(list((dest / "_manifest_parts").iterdir())) == 1  # compacted into one part at the finish
