@@ -1,11 +1,13 @@
 """Batch colorization on a real local Ray (and a moto S3 server): folder + tar + zip + the bad-image corpus in one
 run (every input accounted for, outputs sized right, full resolution keeping the input's luma, nothing outside
-DEST), an S3 prefix plus preprocessed Parquet written to S3 (a job killed midway then resumed: test_batch_resume.py).
-Without Ray: naming, seeds, settings, the manifest merge and compaction."""
+DEST; every setting but the seed at its default, so the resource plan is sized from this machine's CPUs), an S3
+prefix plus preprocessed Parquet written to S3 (a job killed midway then resumed: test_batch_resume.py). Without
+Ray: naming, seeds, settings, the manifest merge and compaction."""
 
 from __future__ import annotations
 
 import io
+import os
 import time
 from pathlib import Path
 
@@ -237,13 +239,17 @@ def _local_sources(root):
 
 
 @pytest.mark.ray
-def test_folder_archives_and_bad_inputs_at_full_resolution(tmp_path, models, ray_s3):
+def test_folder_archives_and_bad_inputs_at_full_resolution(tmp_path, models, ray_s3, ray_local, capsys):
     sources, expected, inputs = _local_sources(tmp_path / "in")
     dest = tmp_path / "out"
     start = time.monotonic()
     code = coltran_main(["colorize", *sources, "--models", str(models), "--out", str(dest), "--seed", "7"])
     print(f"local run: {time.monotonic() - start:.1f} s for {len(expected)} inputs")
     assert code == 0  # some inputs failed, recorded in the manifest: the job itself finished
+    cpus = os.cpu_count()
+    assert ray_local.num_cpus == cpus  # this machine's CPU count, no extra logical CPUs
+    err = capsys.readouterr().err
+    assert "resource plan for colorize: " in err and f"{cpus} CPUs" in err, err[-2000:]
     rows = _manifest(dest / "manifest.parquet")
     got = {(r["key"], r["stage"] == "read"): (r["status"], r["reason"]) for r in rows}
     assert got == expected

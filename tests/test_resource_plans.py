@@ -1,8 +1,8 @@
 """Resource plans of the batch and evaluation jobs (pipelines.inference.plan): the plans computed for clusters of 2, 8
 and 64 CPUs with and without GPUs, with pool labels and an autoscaler, explicit settings kept, unplaceable plans
 refused; then on a real local Ray started with this machine's own CPU count: the plan Ray's report gives, a
-deliberately unplaceable plan refused within seconds, and `coltran preprocess` and `coltran colorize` of a folder
-run with their defaults."""
+deliberately unplaceable plan refused before anything runs, and `coltran preprocess` of a folder with its defaults
+(`coltran colorize` with its defaults: test_batch.py's folder run)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,6 @@ import json
 import os
 import time
 
-import pyarrow.parquet as pq
 import pytest
 
 from coltran.configs import ConfigError
@@ -260,17 +259,3 @@ def test_preprocess_with_its_defaults(ray_here, photos, tmp_path):
     print(f"preprocess of 12 photos with defaults on {CPUS} CPUs: {time.monotonic() - start:.1f} s")
     assert sum(split["images"] for split in manifest["splits"].values()) == 12
     assert manifest["failures"]["count"] == 0
-
-
-@pytest.mark.ray
-def test_colorize_a_folder_with_its_defaults(ray_here, models, photos, tmp_path, capsys):
-    dest = tmp_path / "colour"
-    start = time.monotonic()
-    assert coltran_main(["colorize", str(photos), "--models", str(models), "--out", str(dest)]) == 0
-    took = time.monotonic() - start
-    err = capsys.readouterr().err
-    print(f"colorize of 12 photos with defaults on {CPUS} CPUs: {took:.1f} s")
-    assert "resource plan for colorize: " in err and f"{CPUS} CPUs" in err
-    rows = pq.read_table(dest / "manifest.parquet").to_pylist()
-    assert len(rows) == 12 and {r["status"] for r in rows} == {"done"}
-    assert all((dest / r["outputs"][0]).is_file() for r in rows)
