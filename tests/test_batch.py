@@ -31,8 +31,6 @@ from pipelines.io.s3 import s3_filesystem
 pytestmark = needs_shared_data(SAMPLE)
 READER_REASON = {"unsafe_path": "unsafe_path", "link": "link", "duplicate": "duplicate_name",
                  "bad_name": "non_utf8_name", "special": "special_file"}
-ONE_PER_BATCH = [f"--set={stage}.batch_size=1" for stage in ("prepare", "colorizer", "color_upsampler",
-                                                               "spatial_upsampler", "write")]
 
 
 def _real(n: int, gray: bool = False) -> list:
