@@ -18,6 +18,10 @@ from coltran.pipeline import ColTranPipeline
 
 UPSAMPLER_AUTO_BATCH = {True: 4, False: 1}  # on a GPU?: max_batch_size when the app's args leave it out
 UPSAMPLER_STEPS = {"color_upsampler": "upsample_colors", "spatial_upsampler": "upsample_spatial"}
+# A stopping replica (Ctrl-C, SIGTERM, a redeploy) sleeps this long, then checks for requests in flight, until none
+# are left (at most Serve's graceful_shutdown_timeout_s, 20 s): Serve's default 2 s made `coltran serve` take
+# 7 s to stop when idle, one loop per tier of deployments.
+DRAIN_CHECK_S = 0.25
 
 
 def stage_checkpoint_dir(models: str | dict, stage: str, tracking_uri: str | None = None) -> Path:
@@ -65,7 +69,7 @@ def run_colorize_calls(steps: ColTranPipeline, calls: list[ColorizeCall]) -> lis
 
 
 @serve.deployment(name="Colorizer", max_ongoing_requests=32, max_queued_requests=64,
-                  ray_actor_options={"num_cpus": 0.25})
+                  graceful_shutdown_wait_loop_s=DRAIN_CHECK_S, ray_actor_options={"num_cpus": 0.25})
 class Colorizer:
     """Step 2. Concurrent requests are gathered into one sampling pass (the autoregressive loop costs nearly
     the same for 1 or 16 images on a GPU, and its per-pixel overhead dominates on a CPU)."""
@@ -116,7 +120,8 @@ class Colorizer:
         return self.steps.model_info
 
 
-@serve.deployment(max_ongoing_requests=16, max_queued_requests=64, ray_actor_options={"num_cpus": 0.25})
+@serve.deployment(max_ongoing_requests=16, max_queued_requests=64, graceful_shutdown_wait_loop_s=DRAIN_CHECK_S,
+                  ray_actor_options={"num_cpus": 0.25})
 class Upsampler:
     """Step 3 (deployed as ColorUpsampler) or step 4 (SpatialUpsampler): parallel argmax prediction, with
     concurrent requests gathered into one call (on a GPU; on a CPU batching costs more than it saves, so the

@@ -24,6 +24,7 @@ from coltran.inputs import PreparedImage, prepare_image
 from coltran.pipeline import ColTranPipeline
 from coltran.transforms import rgb_to_gray
 from pipelines.serve.answers import json_chunks, multipart_chunks, primed
+from pipelines.serve.deployments import DRAIN_CHECK_S
 from pipelines.serve.http import (
     ERROR_RESPONSES,
     REQUEST_BODY_DOC,
@@ -87,7 +88,7 @@ def output_pixels(data: bytes, options: ColorizeOptions) -> tuple[int, int] | No
 
 
 @serve.deployment(name="Ingress", max_ongoing_requests=64, max_queued_requests=256,
-                  ray_actor_options={"num_cpus": 0.25})
+                  graceful_shutdown_wait_loop_s=DRAIN_CHECK_S, ray_actor_options={"num_cpus": 0.25})
 @serve.ingress(app)
 class Ingress:
     def __init__(self, colorizer, color_upsampler, spatial_upsampler, limits: dict | None = None,
