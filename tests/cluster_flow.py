@@ -47,10 +47,12 @@ AUTH_VARS = ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH", "RAY_ADDR
              "MLFLOW_TRACKING_URI")
 README_TRAIN = re.compile(r"^ray job submit --address http://HEAD:8265 .*?-- python -m pipelines\.train "
                           r"jobs/train_all\.yaml$", re.S | re.M)
-# cluster/README.md's environment form (RAY_AUTH_MODE + RAY_AUTH_TOKEN_PATH, no header), here for a probe job
-PROBE = ("import json, os, sys, pipelines; files = [os.path.join(d, f) for d, _, names in os.walk('.') for f in names]; "
-         "print('PROBE', json.dumps({'python': sys.executable, 'cwd': os.getcwd(), 'pipelines': pipelines.__file__, "
-         "'top': sorted(os.listdir('.')), 'files': len(files), 'bytes': sum(os.path.getsize(f) for f in files)}))")
+# cluster/README.md's environment form (RAY_AUTH_MODE + RAY_AUTH_TOKEN_PATH, no header), here for a probe job: what
+# the job sees of its working_dir, and its driver's `ray.init()` joins the cluster it runs on (every node)
+PROBE = ("import json, os, sys, ray, pipelines; files = [os.path.join(d, f) for d, _, names in os.walk('.') for f in names]; "
+         "ray.init(); print('PROBE', json.dumps({'python': sys.executable, 'cwd': os.getcwd(), "
+         "'pipelines': pipelines.__file__, 'top': sorted(os.listdir('.')), 'files': len(files), "
+         "'bytes': sum(os.path.getsize(f) for f in files), 'nodes': sum(n['Alive'] for n in ray.nodes())}))")
 
 
 @dataclass

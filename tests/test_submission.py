@@ -49,6 +49,7 @@ def test_working_dir_upload_is_the_checkout_without_venv_and_jobs_use_the_venv_p
     assert {"pipelines", "coltran", "jobs", "pyproject.toml"} <= set(probe["top"]), probe["top"]
     assert not {".venv", ".git", "coltran.egg-info", "__pycache__"} & set(probe["top"]), probe["top"]
     assert probe["bytes"] < 8_000_000, f"working_dir upload is {probe['bytes'] / 1e6:.1f} MB"
+    assert probe["nodes"] == len(ray_pool_cluster.node_ids), "the job's ray.init() must join the whole cluster"
 
 
 def test_training_results_in_mlflow(cluster_flow, mlflow_server, ray_pool_cluster):
