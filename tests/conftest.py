@@ -122,7 +122,7 @@ def cluster_flow(ray_pool_cluster, mlflow_server, s3_server, tmp_path_factory) -
 
 @pytest.fixture(scope="session")
 def demo_run(tmp_path_factory, service_mark):
-    """`coltran demo` at half its steps, in the background from the moment it is first asked for (tests/demo_run.py)."""
+    """`coltran demo` at 0.4x its steps, in the background from the moment it is first asked for (tests/demo_run.py)."""
     from demo_run import run_demo
 
     with run_demo(tmp_path_factory.mktemp("demo"), f"{service_mark}/demo") as run:

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from services import VENV_BIN, log_tail, marked_pids, reap, service_env
 
-STEPS_SCALE = "0.5"  # colorizer 150, colour upsampler 150, spatial upsampler 125 steps (see test_demo.py)
+STEPS_SCALE = "0.4"  # colorizer 120, colour upsampler 120, spatial upsampler 100 steps (see test_demo.py)
 TIMEOUT_S = 2400  # from its start: niced beside the rest of the session, it may wait for CPU
 NICENESS = 10  # below the tests in the foreground; its Ray processes inherit it
 
@@ -44,7 +44,7 @@ class DemoRun:
         home = root / "home"
         home.mkdir()
         self.out, self.err = root / "stdout.txt", root / "stderr.txt"
-        # the demo's own photos and held-out count, half its steps; a user's shell with a fresh HOME: the local
+        # the demo's own photos and held-out count, 0.4x its steps; a user's shell with a fresh HOME: the local
         # ray.init() creates its own auth token there
         cmd = ["nice", "-n", str(NICENESS), str(VENV_BIN / "coltran"), "demo", "--dir", str(root / "run"),
                "--steps-scale", STEPS_SCALE]
