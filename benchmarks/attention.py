@@ -1,7 +1,8 @@
 """Axial attention kernels on this device: `scaled_dot_product_attention` with ColTran's additive bias passed as a
 3-D (h, L, L) mask, which the CPU serves with its math kernel, against the 4-D (1, h, L, L) mask that
 `coltran.nn.AxialAttention` passes, which lets the CPU use its fused flash kernel; plus the spatial upsampler's
-argmax prediction at 256x256, the stage that dominates batch and serve cost on a CPU. Both in the same run.
+argmax prediction at 256x256, the stage that dominates batch and serve cost on a CPU, against the same argmax taken
+after each channel's whole logits tensor. Each pair in the same run.
 
     python benchmarks/attention.py [--threads 1] [--repeats 3]
 """
@@ -52,7 +53,17 @@ def main() -> None:
     gray = torch.randint(0, 255, (1, 256, 256))
     colors = torch.randint(0, 256, (1, 256, 256, 3))
     seconds = best_of(lambda: model.predict(gray, colors), args.repeats)
-    print(f"spatial upsampler `test` predict, 1 image, 3 channels at 256x256: {seconds:.3f} s")
+    whole = best_of(lambda: whole_logits_argmax(model, gray, colors), args.repeats)
+    print(f"spatial upsampler `test` predict, 1 image, 3 channels at 256x256: {seconds:.3f} s; with each "
+          f"channel's whole logits tensor before the argmax {whole:.3f} s ({whole / seconds:.2f}x)")
+
+
+@torch.no_grad()
+def whole_logits_argmax(model, gray, colors):
+    """The argmax prediction as the model's forward gives it: all of a channel's logits first (the baseline of
+    the sliced final dense + argmax in `predict`)."""
+    for c in range(colors.shape[-1]):
+        model(gray, colors[..., c : c + 1], torch.full((gray.shape[0],), c))[..., 0, :].argmax(-1)
 
 
 if __name__ == "__main__":

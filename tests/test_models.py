@@ -10,6 +10,7 @@ import torch
 
 from coltran.configs import apply_overrides, preset
 from coltran.models import OuterDecoder, build_model, count_parameters
+from coltran.models.upsampler import ARGMAX_ROWS
 from coltran.transforms import colors_to_symbols, rgb_to_gray
 
 COUNTS = {
@@ -70,6 +71,21 @@ def test_spatial_upsampler_shape_at_256():
     gray, tokens = torch.randint(0, 256, (1, 256, 256)), torch.randint(0, 256, (1, 256, 256, 1))
     with torch.no_grad():  # one channel: (B, H, W, 3, 256) is checked at a small resolution in test_shapes
         assert up(gray, tokens, torch.tensor([2])).shape == (1, 256, 256, 1, 256)
+
+
+def test_upsampler_argmax_prediction_is_the_argmax_of_its_logits():
+    """predict takes the final dense and argmax a slice of positions at a time (ARGMAX_ROWS): the pick must be the
+    argmax of the whole logits tensor that forward gives, across slice boundaries and images of a batch."""
+    torch.manual_seed(0)
+    up = build_model(apply_overrides(preset("spatial_upsampler", "test"), ["resolution=[48,96]"])).eval()
+    with torch.no_grad():
+        for p in up.parameters():
+            p.add_(torch.randn_like(p) * 0.3)  # away from the fresh init's flat logits
+        gray, tokens = torch.randint(0, 256, (2, 48, 96)), torch.randint(0, 256, (2, 48, 96, 3))
+        whole = torch.stack([up(gray, tokens[..., c : c + 1], torch.full((2,), c))[..., 0, :].argmax(-1)
+                             for c in range(3)], -1)
+        assert 2 * 48 * 96 > ARGMAX_ROWS  # more than one slice
+        assert torch.equal(up.predict(gray, tokens), whole.to(torch.uint8))
 
 
 def _hooked_logits(model, module, *inputs):
