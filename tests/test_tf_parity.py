@@ -161,25 +161,20 @@ def test_upsampler_logits_losses_and_argmax(fixture, request):
 
 # ---- spatial upsampler at 256x256: 3 channel passes with raw and 3 with EMA weights ---------------------------
 def _channel_pass_stats(model, gray, tokens, labels, io):
-    """Run `model.predict` (argmax) and keep, from each channel's logits on the way, what the fixture stores."""
+    """`model.predict` (argmax), and from each channel's logits (the forward predict's argmax is taken over, one
+    channel at a time) what the fixture stores."""
     stats = {"sel": [], "logp": [], "nats": [], "gap": []}
-
-    def keep(_module, _inputs, logits):
-        logits = logits[..., 0, :]  # (B, H, W, 256) of the channel being predicted
-        c = len(stats["sel"])
-        logp = torch.log_softmax(logits, -1).gather(-1, torch.as_tensor(labels[..., c, None]).long())[..., 0]
-        top2 = logits.topk(2, dim=-1).values
-        stats["sel"].append(_selected(logits.numpy(), io))
-        stats["logp"].append(logp.numpy())
-        stats["nats"].append(-logp.double().sum().item())
-        stats["gap"].append((top2[..., 0] - top2[..., 1]).numpy())
-
-    handle = model.register_forward_hook(keep)
-    try:
-        with torch.no_grad():
-            predicted = model.predict(gray, torch.as_tensor(tokens), mode="argmax").numpy()
-    finally:
-        handle.remove()
+    tokens = torch.as_tensor(tokens)
+    with torch.no_grad():
+        predicted = model.predict(gray, tokens, mode="argmax").numpy()
+        for c in range(tokens.shape[-1]):
+            logits = model(gray, tokens[..., c : c + 1], torch.full((tokens.shape[0],), c))[..., 0, :]
+            logp = torch.log_softmax(logits, -1).gather(-1, torch.as_tensor(labels[..., c, None]).long())[..., 0]
+            top2 = logits.topk(2, dim=-1).values
+            stats["sel"].append(_selected(logits.numpy(), io))
+            stats["logp"].append(logp.numpy())
+            stats["nats"].append(-logp.double().sum().item())
+            stats["gap"].append((top2[..., 0] - top2[..., 1]).numpy())
     return predicted, {k: np.stack(v, axis=-1) if k != "nats" else v for k, v in stats.items()}
 
 
