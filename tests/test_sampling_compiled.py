@@ -1,8 +1,7 @@
 """The compiled sampler (`compile=True`: torch.compile of the row and pixel steps) is exact like the eager one: equal
 to the naive oracle (argmax, and sampling on shared uniforms), re-scored by teacher forcing within 1e-5, a batch
 equal to its items alone, and the official sampler's held-out parity. One small non-square config (2 heads, 2
-layers per decoder) compiles once for the module; the parity test compiles the official test config, the warm-up
-test the pipeline's graphs (no probabilities) of a one-layer model."""
+layers per decoder) compiles once for the module; the parity test compiles the official test config."""
 
 import time
 
@@ -86,12 +85,9 @@ def test_compiled_official_sampler_parity(tmp_path_factory):
     np.testing.assert_allclose(probs.max(-1), io["sample_proba_max"], rtol=0, atol=PROBA_TOL)
 
 
-def test_pipeline_warm_up_compiles_before_the_first_request():
+def test_pipeline_warm_up_compiles_before_the_first_request(model):
     """What a Serve replica with compile_sampler does: warm_up_sampler compiles batch 1 and batch > 1, after
-    which colorize at any batch size compiles nothing and equals the eager pipeline. (The pipeline samples without
-    probabilities: graphs of their own, here of the test preset's one layer per decoder, which compile in half the
-    time of the module's two.)"""
-    model = random_colorizer(CONFIG[:2], scale=0.2)
+    which colorize at any batch size compiles nothing and equals the eager pipeline."""
     compiled = ColTranPipeline(colorizer=model, device="cpu", compile_sampler=True)
     compiled.warm_up_sampler()
     before = compiles()
