@@ -15,16 +15,13 @@ import re
 import shutil
 import subprocess
 import tarfile
-import threading
 import time
-from collections.abc import Callable
-from contextlib import AbstractContextManager, ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
 import yaml
-from services import VENV_BIN, frozen_environment, service_env, stop_marked
+from services import VENV_BIN, service_env
 from shared_data import SAMPLE
 
 from pipelines.tracking.names import REGISTERED_NAMES
@@ -282,58 +279,3 @@ def run_flow(cluster, mlflow_server, s3_server, root: Path) -> Flow:
     _coltran_submit(flow, cluster, "evaluate", "jobs/evaluate.yaml",
                     [*[f"--set={s}" for s in sets], "--env", model_cache], token_path, cwd=ROOT)
     return flow
-
-
-class BackgroundFlow:
-    """The pool cluster and, with `flow_args`, the session's training submission on it, brought up by a thread of
-    their own from the moment the session asks (conftest: at its start). The flow spends most of its minutes
-    waiting on Ray (job and worker start-ups, Train's worker groups, polls) at about one busy core: in the
-    background, those minutes overlap the fast tests instead of adding to them. `cluster()` and `flow()` wait for
-    their part and raise what the thread raised (a skip or failure included) in the test that asked."""
-
-    def __init__(self, start_cluster: Callable[[], AbstractContextManager], mark: str,
-                 flow_args: Callable[[], tuple] | None):
-        self._stack, self._mark = ExitStack(), mark
-        self._start_cluster, self._flow_args = start_cluster, flow_args
-        self._cluster_up = threading.Event()
-        self._cluster = self._flow = self._cluster_error = self._flow_error = None
-        self._thread = threading.Thread(target=self._run, name="cluster-flow", daemon=True)
-        self._thread.start()
-
-    def _run(self) -> None:
-        with frozen_environment():  # the session's environment, not what a test in the main thread set meanwhile
-            try:
-                self._cluster = self._stack.enter_context(self._start_cluster())
-            except BaseException as err:  # noqa: B036 - a skip or failure too, raised again in the main thread
-                self._cluster_error = err
-                return
-            finally:
-                self._cluster_up.set()
-            if self._flow_args is not None:
-                try:
-                    self._flow = run_flow(self._cluster, *self._flow_args())
-                except BaseException as err:  # noqa: B036
-                    self._flow_error = err
-
-    def cluster(self):
-        self._cluster_up.wait()
-        if self._cluster_error is not None:
-            raise self._cluster_error
-        return self._cluster
-
-    def flow(self) -> Flow:
-        assert self._flow_args is not None, "this session started the pool cluster without the flow"
-        self._thread.join()
-        if self._cluster_error is not None:
-            raise self._cluster_error
-        if self._flow_error is not None:
-            raise self._flow_error
-        return self._flow
-
-    def close(self) -> None:
-        """Stop the cluster. In an interrupted session the thread may still wait on a job: the cluster's processes
-        are reaped first, which ends that wait, and the thread gets a minute to return."""
-        if self._thread.is_alive():
-            stop_marked(self._mark, "Ray pool cluster")
-            self._thread.join(timeout=60)
-        self._stack.close()

@@ -10,7 +10,7 @@ import subprocess
 from collections.abc import Iterator
 
 import pytest
-from cluster_flow import BackgroundFlow, Flow
+from cluster_flow import Flow, run_flow
 from layouts import LocalRay
 from ray_pool import RayPoolCluster, connected_driver, run_ray_pool_cluster
 from services import MlflowServer, S3Server, run_mlflow_server, run_s3_server, start_watchdog
@@ -31,17 +31,17 @@ def pytest_report_header(config):
 def pytest_collection_modifyitems(session, config, items):
     """Fast tests first, so model and transform failures show in the first minute; then the tests on the
     session's local Ray (one start for all of them: this process leaves it to drive the pool cluster); then the
-    other tests that use Ray (the pool cluster's among them, whose flow ran in the background meanwhile); then
-    those marked `last`; then the HTTP and browser tests of the session's `coltran serve`; and at the very end
-    those that read the demo started with the session in the background: niced, it uses what the tests leave of
-    the machine until then. The sort is stable: within each group the collection order stays."""
+    other tests that use Ray; then those that read the demo started with the session in the background (late: it
+    runs meanwhile); then those marked `last`; then the HTTP and browser tests of the session's `coltran serve`,
+    so that its Ray and replicas, up from their first test to the session's end, run beside nothing else. The
+    sort is stable: within each group the collection order stays."""
     def group(item) -> int:
-        if "demo_run" in item.fixturenames:
-            return 5  # the readers of the background demo: as late as possible
         if "served_app" in item.fixturenames:
-            return 4
+            return 5
         if item.get_closest_marker("last"):
-            return 3
+            return 4
+        if "demo_run" in item.fixturenames:
+            return 3  # the readers of the background demo: as late as possible
         if "ray_local" in item.fixturenames:
             return 1
         return 2 if item.get_closest_marker("ray") else 0
@@ -98,29 +98,11 @@ def ray_local(s3_server, tmp_path_factory) -> Iterator[LocalRay]:
 
 
 @pytest.fixture(scope="session")
-def pool_and_flow(request, service_mark, s3_server, tmp_path_factory) -> Iterator[BackgroundFlow]:
-    """The token-authenticated Ray pool cluster and, when a selected test reads it, the session's one training
-    submission on it (preprocess, train, batch colorize, evaluate: cluster_flow.py) through S3 and the MLflow
-    server, brought up by a background thread (conftest starts it with the session). Every node reaches the
-    session's S3 server (endpoint and credentials in its environment, as an instance role and a machine image
-    give them): S3 is the storage the nodes share."""
-    mark = f"{service_mark}/ray"
-    flow_args = None
-    if any("cluster_flow" in item.fixturenames for item in request.session.items):
-        mlflow_server, root = request.getfixturevalue("mlflow_server"), tmp_path_factory.mktemp("cluster-flow")
-
-        def flow_args():
-            require_shared_data(SAMPLE)
-            return mlflow_server, s3_server, root
-
-    background = BackgroundFlow(lambda: run_ray_pool_cluster(mark, node_env=s3_server.env), mark, flow_args)
-    yield background
-    background.close()
-
-
-@pytest.fixture(scope="session")
-def ray_pool_cluster(pool_and_flow) -> RayPoolCluster:
-    return pool_and_flow.cluster()
+def ray_pool_cluster(service_mark, s3_server) -> Iterator[RayPoolCluster]:
+    """Every node reaches the session's S3 server (endpoint and credentials in its environment, as an instance
+    role and a machine image give them): S3 is the storage the nodes share."""
+    with run_ray_pool_cluster(f"{service_mark}/ray", node_env=s3_server.env) as cluster:
+        yield cluster
 
 
 @pytest.fixture
@@ -131,10 +113,11 @@ def ray_pool_driver(ray_pool_cluster) -> Iterator[RayPoolCluster]:
 
 
 @pytest.fixture(scope="session")
-def cluster_flow(pool_and_flow) -> Flow:
-    """The session's one training submission on the pool cluster (see `pool_and_flow`), waited for."""
+def cluster_flow(ray_pool_cluster, mlflow_server, s3_server, tmp_path_factory) -> Flow:
+    """The session's one training submission (preprocess, train, batch colorize, evaluate) on the pool cluster,
+    through S3 and the MLflow server."""
     require_shared_data(SAMPLE)
-    return pool_and_flow.flow()
+    return run_flow(ray_pool_cluster, mlflow_server, s3_server, tmp_path_factory.mktemp("cluster-flow"))
 
 
 @pytest.fixture(scope="session")
@@ -147,26 +130,22 @@ def demo_run(tmp_path_factory, service_mark):
 
 
 @pytest.fixture(scope="session", autouse=True)
-def _start_background_work(request):
-    """Before the first test, start what selected tests need that runs for minutes on its own: the demo
-    (`demo_run`, niced) and the pool cluster with the session's training submission (`pool_and_flow`). Both
-    run beside the fast tests. This process then computes on one torch thread: with a second thread, each of
-    the sampler's thousands of small parallel regions waits for that thread to be woken on the core the
-    background holds (test_pipeline's seeds test: 119 s instead of 8 s on 2 cores)."""
+def _start_the_demo_early(request):
+    """Start `demo_run` before the first test when a selected test needs it: its processes run niced beside the
+    fast tests. This process then computes on one torch thread: with a second thread, each of the sampler's
+    thousands of small parallel regions waits for that thread to be woken on the core the demo holds
+    (test_pipeline's seeds test: 119 s instead of 8 s on 2 cores)."""
     import torch
 
-    needed = [name for name in ("demo_run", "pool_and_flow")
-              if any(name in item.fixturenames for item in request.session.items)]
-    if not needed:
+    if not any("demo_run" in item.fixturenames for item in request.session.items):
         yield
         return
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
-    for name in needed:
-        try:
-            request.getfixturevalue(name)
-        except (Exception, pytest.skip.Exception, pytest.fail.Exception):
-            pass  # pytest keeps the error: the tests that need the fixture report it, not this first test
+    try:
+        request.getfixturevalue("demo_run")
+    except (Exception, pytest.skip.Exception, pytest.fail.Exception):
+        pass  # pytest keeps the error: the tests that need the fixture report it, not this first test
     yield
     torch.set_num_threads(threads)
 

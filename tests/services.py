@@ -8,7 +8,6 @@ import os
 import signal
 import subprocess
 import sys
-import threading
 import time
 import urllib.error
 import urllib.request
@@ -21,12 +20,6 @@ VENV_BIN = Path(sys.executable).parent
 # Every process a service starts carries MARK_VAR=<session mark>/<service> in its environment; that is how
 # teardown and the watchdog find all of them (Ray rewrites worker command lines, but not their environment).
 MARK_VAR = "COLTRAN_TEST_SERVICE"
-# The environment the session started with (conftest imports this module before any test runs). A thread that
-# starts services while tests run in the main thread builds their environments from it (`frozen_environment`): a
-# test may have set variables in os.environ for a moment (its S3 endpoint, a model cache), and those must not reach
-# processes that outlive it. Reading os.environ while another thread changes it is not safe either.
-SESSION_ENV = dict(os.environ)
-_thread_state = threading.local()
 
 
 class ServiceError(RuntimeError):
@@ -70,22 +63,11 @@ def http_status(url: str, headers: dict[str, str] | None = None, timeout: float 
         return None
 
 
-@contextmanager
-def frozen_environment() -> Iterator[None]:
-    """Inside, `service_env` in this thread starts from SESSION_ENV instead of os.environ."""
-    _thread_state.base = SESSION_ENV
-    try:
-        yield
-    finally:
-        del _thread_state.base
-
-
 def service_env(mark: str | None, extra: dict[str, str] | None = None,
                 drop: Sequence[str] = ()) -> dict[str, str]:
-    """Our environment (see `frozen_environment`) with the venv's bin first on PATH (so `python` in a job is this
-    venv's), without the variables in `drop`, plus `extra` and, for a service process, its mark."""
-    base = getattr(_thread_state, "base", os.environ)
-    env = {k: v for k, v in base.items() if k not in (*drop, MARK_VAR)}
+    """Our environment with the venv's bin first on PATH (so `python` in a job is this venv's), without the
+    variables in `drop`, plus `extra` and, for a service process, its mark."""
+    env = {k: v for k, v in os.environ.items() if k not in (*drop, MARK_VAR)}
     env["PATH"] = f"{VENV_BIN}{os.pathsep}{env.get('PATH', '')}"
     if mark is not None:
         env[MARK_VAR] = mark
