@@ -31,17 +31,17 @@ def pytest_report_header(config):
 def pytest_collection_modifyitems(session, config, items):
     """Fast tests first, so model and transform failures show in the first minute; then the tests on the
     session's local Ray (one start for all of them: this process leaves it to drive the pool cluster); then the
-    other tests that use Ray; then those that read the demo started with the session in the background (late: it
-    runs meanwhile); then those marked `last`; then the HTTP and browser tests of the session's `coltran serve`,
-    so that its Ray and replicas, up from their first test to the session's end, run beside nothing else. The
-    sort is stable: within each group the collection order stays."""
+    other tests that use Ray; then those marked `last`; then the HTTP and browser tests of the session's
+    `coltran serve`; and at the very end those that read the demo started with the session in the background:
+    niced, it uses what the tests leave of the machine until then, and a slow machine's tests do not stop to wait
+    for it before their own end. The sort is stable: within each group the collection order stays."""
     def group(item) -> int:
-        if "served_app" in item.fixturenames:
-            return 5
-        if item.get_closest_marker("last"):
-            return 4
         if "demo_run" in item.fixturenames:
-            return 3  # the readers of the background demo: as late as possible
+            return 5  # the readers of the background demo: as late as possible
+        if "served_app" in item.fixturenames:
+            return 4
+        if item.get_closest_marker("last"):
+            return 3
         if "ray_local" in item.fixturenames:
             return 1
         return 2 if item.get_closest_marker("ray") else 0
