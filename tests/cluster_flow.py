@@ -1,12 +1,12 @@
 """The suite's one training submission (a fixture builder, not tests): on the session's token-authenticated pool
-cluster (worker nodes with private disks, tests/ray_pool.py), the MLflow server and the S3 server, as a user
-does, it preprocesses 16 real photos from S3 to S3 with `coltran submit preprocess`, trains the three stages at
-once with the README's `ray job submit` command (dataset and checkpoints in S3; a worker of the 2-worker stage
-is SIGKILLed mid-run and must resume), colorizes a tar of 3 other photos from S3 to S3 with `coltran submit
-colorize` from the registered models and evaluates those models on the held-out split with `coltran submit
-evaluate` (report to S3, a child run of the training submission). Every byte the jobs share goes through S3 or
-MLflow, as on machines that share no disk; each node downloads the registered models into a cache on its own
-private disk. test_train.py, test_submission.py and the registry-based tests read what it leaves."""
+cluster (worker nodes with private disks, tests/ray_pool.py), the MLflow server and the S3 server, as a user does,
+it preprocesses 16 real photos from S3 to S3 with `coltran submit preprocess`, trains the three stages at once with
+the README's `ray job submit` command (dataset and checkpoints in S3; a worker of the 2-worker stage is SIGKILLed
+mid-run and must resume), then at once colorizes a tar of 3 other photos from S3 to S3 with `coltran submit
+colorize` from the registered models and evaluates those models on the held-out split with `coltran submit evaluate`
+(report to S3, a child run of the training submission): two jobs sharing the cluster. Every byte the jobs share goes
+through S3 or MLflow, as on machines that share no disk; each node downloads the registered models into a cache on
+its own private disk. test_train.py, test_submission.py and the registry-based tests read what it leaves."""
 
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ import shutil
 import subprocess
 import tarfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -266,16 +267,19 @@ def run_flow(cluster, mlflow_server, s3_server, root: Path) -> Flow:
     client = mlflow_server.client()
     flow.versions = {stage: client.get_model_version_by_alias(NAMES[stage], ALIAS).version for stage in STAGES}
 
-    # 3. batch colorization from the registry; token from RAY_AUTH_TOKEN_PATH
+    # 3 and 4 at once, as two users of the cluster would: batch colorization from the registry (token from
+    # RAY_AUTH_TOKEN_PATH) and the evaluation of the registered models on the held-out split, a child run of the
+    # training submission. They share no data; both download the same registered versions into each node's cache.
     batch_file = root / "colorize.yaml"
     batch_file.write_text(yaml.safe_dump(batch_job(f"{uri}/archives/photos.tar", flow.out), sort_keys=False))
     token_path = {"RAY_AUTH_TOKEN_PATH": str(cluster.token_path)}
     model_cache = f"COLTRAN_MODEL_CACHE={cluster.scratch / 'model-cache'}"  # each node's own disk
-    _coltran_submit(flow, cluster, "colorize", str(batch_file),
-                    ["--env", f"MLFLOW_TRACKING_URI={mlflow_server.uri}", "--env", model_cache], token_path, cwd=root)
-
-    # 4. evaluation of the registered models on the held-out split, a child run of the training submission
     sets = evaluate_sets(flow, uri, mlflow_server.uri, submission_runs(mlflow_server)[1].info.run_id)
-    _coltran_submit(flow, cluster, "evaluate", "jobs/evaluate.yaml",
-                    [*[f"--set={s}" for s in sets], "--env", model_cache], token_path, cwd=ROOT)
+    with ThreadPoolExecutor(2) as jobs:
+        colorize = jobs.submit(_coltran_submit, flow, cluster, "colorize", str(batch_file),
+                               ["--env", f"MLFLOW_TRACKING_URI={mlflow_server.uri}", "--env", model_cache],
+                               token_path, cwd=root)
+        evaluate = jobs.submit(_coltran_submit, flow, cluster, "evaluate", "jobs/evaluate.yaml",
+                               [*[f"--set={s}" for s in sets], "--env", model_cache], token_path, cwd=ROOT)
+        colorize.result(), evaluate.result()
     return flow
