@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import re
+import shlex
 import shutil
 import subprocess
 import tarfile
@@ -283,3 +284,44 @@ def run_flow(cluster, mlflow_server, s3_server, root: Path) -> Flow:
                                [*[f"--set={s}" for s in sets], "--env", model_cache], token_path, cwd=ROOT)
         colorize.result(), evaluate.result()
     return flow
+
+
+# The re-submission of the flow's training job (tests/test_train.py checks what it did): the colour upsampler goes on
+# to 20 steps; the colorizer, asked to go on past its 32 to 40, must fail loudly on resume (its checkpoint was made
+# with another architecture) without stopping the colour upsampler; the spatial upsampler had finished its steps.
+RESUBMISSION_SETS = ("stages.color_upsampler.train.max_steps=20", "stages.colorizer.train.max_steps=40",
+                     "stages.colorizer.model.overrides.hidden_size=64", "stages.colorizer.train.max_failures=0")
+
+
+@dataclass
+class Resubmission:
+    job_id: str
+    started: float  # time.monotonic() at submission
+    log: Path  # where `wait` keeps the job's whole log
+    versions_before: dict[str, set[str]]  # registered name -> versions before the re-submission
+    spatial_started: str  # the spatial upsampler run's attempt start tag before it
+
+    def wait(self, cluster, timeout: float = 1200) -> tuple[str, float]:
+        """The job's logs once it succeeded (ServiceError otherwise), and its seconds from submission."""
+        try:
+            logs = cluster.wait_job(self.job_id, timeout=timeout)
+        finally:
+            self.log.write_text(cluster.job_client().get_job_logs(self.job_id))
+        return logs, time.monotonic() - self.started
+
+
+def start_resubmission(flow: Flow, mlflow_server, cluster) -> Resubmission:
+    """Submit the flow's job file again (RESUBMISSION_SETS) through the job API as a user does, not waited for:
+    conftest starts it when the flow's last reader has run, and the served-app tests run meanwhile."""
+    command = f"python -m pipelines.train {flow.job_file} " + " ".join(f"--set {shlex.quote(s)}"
+                                                                       for s in RESUBMISSION_SETS)
+    client = mlflow_server.client()
+    before = {NAMES[stage]: {v.version for v in client.search_model_versions(f"name = '{NAMES[stage]}'")}
+              for stage in STAGES}
+    spatial_started = submission_runs(mlflow_server)[2]["spatial_upsampler"].data.tags["coltran.attempt_started_at"]
+    started = time.monotonic()
+    # RAY_ADDRESS for every process of the job: Ray Train's helper actors otherwise auto-detect the cluster and
+    # fail when other Ray instances run on the same machine (as on a shared test box).
+    job_id = cluster.job_client().submit_job(entrypoint=f"{command}; echo exit=$?",
+                                             runtime_env={"env_vars": {"RAY_ADDRESS": cluster.address}})
+    return Resubmission(job_id, started, flow.root / "resubmission.log", before, spatial_started)
