@@ -1,23 +1,21 @@
 """The suite's one training submission (a fixture builder, not tests): on the session's token-authenticated pool
-cluster (worker nodes with private disks, tests/ray_pool.py), the MLflow server and the S3 server, as a user does,
-it preprocesses 16 real photos from S3 to S3 with `coltran submit preprocess`, trains the three stages at once with
-the README's `ray job submit` command (dataset and checkpoints in S3; a worker of the 2-worker stage is SIGKILLed
-mid-run and must resume), then at once colorizes a tar of 3 other photos from S3 to S3 with `coltran submit
-colorize` from the registered models and evaluates those models on the held-out split with `coltran submit evaluate`
-(report to S3, a child run of the training submission): two jobs sharing the cluster. Every byte the jobs share goes
-through S3 or MLflow, as on machines that share no disk; each node downloads the registered models into a cache on
-its own private disk. test_train.py, test_submission.py and the registry-based tests read what it leaves."""
+cluster (worker nodes with private disks, tests/ray_pool.py), the MLflow server and the S3 server, as a user
+does, it preprocesses 16 real photos from S3 to S3 with `coltran submit preprocess`, trains the three stages at
+once with the README's `ray job submit` command (dataset and checkpoints in S3; a worker of the 2-worker stage
+is SIGKILLed mid-run and must resume), colorizes a tar of 3 other photos from S3 to S3 with `coltran submit
+colorize` from the registered models and evaluates those models on the held-out split with `coltran submit
+evaluate` (report to S3, a child run of the training submission). Every byte the jobs share goes through S3 or
+MLflow, as on machines that share no disk; each node downloads the registered models into a cache on its own
+private disk. test_train.py, test_submission.py and the registry-based tests read what it leaves."""
 
 from __future__ import annotations
 
 import json
 import re
-import shlex
 import shutil
 import subprocess
 import tarfile
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -268,60 +266,16 @@ def run_flow(cluster, mlflow_server, s3_server, root: Path) -> Flow:
     client = mlflow_server.client()
     flow.versions = {stage: client.get_model_version_by_alias(NAMES[stage], ALIAS).version for stage in STAGES}
 
-    # 3 and 4 at once, as two users of the cluster would: batch colorization from the registry (token from
-    # RAY_AUTH_TOKEN_PATH) and the evaluation of the registered models on the held-out split, a child run of the
-    # training submission. They share no data; both download the same registered versions into each node's cache.
+    # 3. batch colorization from the registry; token from RAY_AUTH_TOKEN_PATH
     batch_file = root / "colorize.yaml"
     batch_file.write_text(yaml.safe_dump(batch_job(f"{uri}/archives/photos.tar", flow.out), sort_keys=False))
     token_path = {"RAY_AUTH_TOKEN_PATH": str(cluster.token_path)}
     model_cache = f"COLTRAN_MODEL_CACHE={cluster.scratch / 'model-cache'}"  # each node's own disk
+    _coltran_submit(flow, cluster, "colorize", str(batch_file),
+                    ["--env", f"MLFLOW_TRACKING_URI={mlflow_server.uri}", "--env", model_cache], token_path, cwd=root)
+
+    # 4. evaluation of the registered models on the held-out split, a child run of the training submission
     sets = evaluate_sets(flow, uri, mlflow_server.uri, submission_runs(mlflow_server)[1].info.run_id)
-    with ThreadPoolExecutor(2) as jobs:
-        colorize = jobs.submit(_coltran_submit, flow, cluster, "colorize", str(batch_file),
-                               ["--env", f"MLFLOW_TRACKING_URI={mlflow_server.uri}", "--env", model_cache],
-                               token_path, cwd=root)
-        evaluate = jobs.submit(_coltran_submit, flow, cluster, "evaluate", "jobs/evaluate.yaml",
-                               [*[f"--set={s}" for s in sets], "--env", model_cache], token_path, cwd=ROOT)
-        colorize.result(), evaluate.result()
+    _coltran_submit(flow, cluster, "evaluate", "jobs/evaluate.yaml",
+                    [*[f"--set={s}" for s in sets], "--env", model_cache], token_path, cwd=ROOT)
     return flow
-
-
-# The re-submission of the flow's training job (tests/test_train.py checks what it did): the colour upsampler goes on
-# to 20 steps; the colorizer, asked to go on past its 32 to 40, must fail loudly on resume (its checkpoint was made
-# with another architecture) without stopping the colour upsampler; the spatial upsampler had finished its steps.
-RESUBMISSION_SETS = ("stages.color_upsampler.train.max_steps=20", "stages.colorizer.train.max_steps=40",
-                     "stages.colorizer.model.overrides.hidden_size=64", "stages.colorizer.train.max_failures=0")
-
-
-@dataclass
-class Resubmission:
-    job_id: str
-    started: float  # time.monotonic() at submission
-    log: Path  # where `wait` keeps the job's whole log
-    versions_before: dict[str, set[str]]  # registered name -> versions before the re-submission
-    spatial_started: str  # the spatial upsampler run's attempt start tag before it
-
-    def wait(self, cluster, timeout: float = 1200) -> tuple[str, float]:
-        """The job's logs once it succeeded (ServiceError otherwise), and its seconds from submission."""
-        try:
-            logs = cluster.wait_job(self.job_id, timeout=timeout)
-        finally:
-            self.log.write_text(cluster.job_client().get_job_logs(self.job_id))
-        return logs, time.monotonic() - self.started
-
-
-def start_resubmission(flow: Flow, mlflow_server, cluster) -> Resubmission:
-    """Submit the flow's job file again (RESUBMISSION_SETS) through the job API as a user does, not waited for:
-    conftest starts it when the flow's last reader has run, and the served-app tests run meanwhile."""
-    command = f"python -m pipelines.train {flow.job_file} " + " ".join(f"--set {shlex.quote(s)}"
-                                                                       for s in RESUBMISSION_SETS)
-    client = mlflow_server.client()
-    before = {NAMES[stage]: {v.version for v in client.search_model_versions(f"name = '{NAMES[stage]}'")}
-              for stage in STAGES}
-    spatial_started = submission_runs(mlflow_server)[2]["spatial_upsampler"].data.tags["coltran.attempt_started_at"]
-    started = time.monotonic()
-    # RAY_ADDRESS for every process of the job: Ray Train's helper actors otherwise auto-detect the cluster and
-    # fail when other Ray instances run on the same machine (as on a shared test box).
-    job_id = cluster.job_client().submit_job(entrypoint=f"{command}; echo exit=$?",
-                                             runtime_env={"env_vars": {"RAY_ADDRESS": cluster.address}})
-    return Resubmission(job_id, started, flow.root / "resubmission.log", before, spatial_started)

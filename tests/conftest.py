@@ -10,7 +10,7 @@ import subprocess
 from collections.abc import Iterator
 
 import pytest
-from cluster_flow import Flow, Resubmission, run_flow, start_resubmission
+from cluster_flow import Flow, run_flow
 from layouts import LocalRay
 from ray_pool import RayPoolCluster, connected_driver, run_ray_pool_cluster
 from services import MlflowServer, S3Server, run_mlflow_server, run_s3_server, start_watchdog
@@ -20,7 +20,7 @@ from shared_data import DATA, SAMPLE, in_ci, require_shared_data
 def pytest_configure(config):
     config.addinivalue_line("markers", "shared_data(*paths): needs these files of ../shared/data; skips "
                                        "locally, fails under CI=true")
-    config.addinivalue_line("markers", "last: runs after the tests that read the shared session state it changes")
+    config.addinivalue_line("markers", "last: runs after every other test (it changes shared session state)")
 
 
 def pytest_report_header(config):
@@ -31,18 +31,16 @@ def pytest_report_header(config):
 def pytest_collection_modifyitems(session, config, items):
     """Fast tests first, so model and transform failures show in the first minute; then the tests on the
     session's local Ray (one start for all of them: this process leaves it to drive the pool cluster); then the
-    other tests that use Ray; then the HTTP and browser tests of the session's `coltran serve`, beside the
-    re-submission of the flow's training job, which starts with the served app (`served_app`); then those marked
-    `last` (that re-submission's test among them); and at the very end those that read the demo started with the
-    session in the background: niced, it uses what the tests leave of the machine until then, and a slow
-    machine's tests do not stop to wait for it before their own end. The sort is stable: within each group the
-    collection order stays."""
+    other tests that use Ray; then those marked `last`; then the HTTP and browser tests of the session's
+    `coltran serve`; and at the very end those that read the demo started with the session in the background:
+    niced, it uses what the tests leave of the machine until then, and a slow machine's tests do not stop to wait
+    for it before their own end. The sort is stable: within each group the collection order stays."""
     def group(item) -> int:
         if "demo_run" in item.fixturenames:
             return 5  # the readers of the background demo: as late as possible
-        if item.get_closest_marker("last"):
-            return 4
         if "served_app" in item.fixturenames:
+            return 4
+        if item.get_closest_marker("last"):
             return 3
         if "ray_local" in item.fixturenames:
             return 1
@@ -123,13 +121,6 @@ def cluster_flow(ray_pool_cluster, mlflow_server, s3_server, tmp_path_factory) -
 
 
 @pytest.fixture(scope="session")
-def resubmission(cluster_flow, mlflow_server, ray_pool_cluster) -> Resubmission:
-    """The flow's training job submitted again (cluster_flow.start_resubmission), not waited for; it moves the
-    flow's runs on, so it starts only once every reader of them has run (see the test order)."""
-    return start_resubmission(cluster_flow, mlflow_server, ray_pool_cluster)
-
-
-@pytest.fixture(scope="session")
 def demo_run(tmp_path_factory, service_mark):
     """`coltran demo` at 0.4x its steps, in the background from the moment it is first asked for (tests/demo_run.py)."""
     from demo_run import run_demo
@@ -151,28 +142,18 @@ def _start_the_demo_early(request):
         return
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
-    _request_quietly(request, "demo_run")
+    try:
+        request.getfixturevalue("demo_run")
+    except (Exception, pytest.skip.Exception, pytest.fail.Exception):
+        pass  # pytest keeps the error: the tests that need the fixture report it, not this first test
     yield
     torch.set_num_threads(threads)
 
 
-def _request_quietly(request, name: str) -> None:
-    """Set up fixture `name` now; pytest keeps an error for the tests that need it, which report it, not this one."""
-    try:
-        request.getfixturevalue(name)
-    except (Exception, pytest.skip.Exception, pytest.fail.Exception):
-        pass
-
-
 @pytest.fixture(scope="session")
-def served_app(request, tmp_path_factory, service_mark):
-    """`coltran serve` (its own Ray, its generated API token) for the whole session: HTTP and browser tests. Before
-    it starts, the re-submission of the flow's training job is submitted when a selected test checks it
-    (`resubmission`): that job's minute of Ray Train start-ups on the pool cluster overlaps the served app's start
-    and tests instead of adding to them."""
+def served_app(tmp_path_factory, service_mark):
+    """`coltran serve` (its own Ray, its generated API token) for the whole session: HTTP and browser tests."""
     from served_app import run_served_app
 
-    if any("resubmission" in item.fixturenames for item in request.session.items):
-        _request_quietly(request, "resubmission")
     with run_served_app(tmp_path_factory.mktemp("served-app"), f"{service_mark}/served-app") as app:
         yield app

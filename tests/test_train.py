@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import contextlib
 import json
+import shlex
+import time
 from pathlib import Path
 
 import mlflow
@@ -38,6 +40,20 @@ from pipelines.train.state import replica_spread
 from pipelines.train.worker import StageLoss
 
 pytestmark = pytest.mark.timeout(1800)
+
+
+def _submit(cluster, entrypoint: str, log: Path, timeout: float = 1200) -> tuple[str, float]:
+    """Submit through the job API as a user does; the job's whole log is kept in `log` for diagnosis."""
+    start = time.monotonic()
+    client = cluster.job_client()
+    # RAY_ADDRESS for every process of the job: Ray Train's helper actors otherwise auto-detect the cluster and
+    # fail when other Ray instances run on the same machine (as on a shared test box).
+    job_id = client.submit_job(entrypoint=entrypoint, runtime_env={"env_vars": {"RAY_ADDRESS": cluster.address}})
+    try:
+        logs = cluster.wait_job(job_id, timeout=timeout)
+    finally:
+        log.write_text(client.get_job_logs(job_id))
+    return logs, time.monotonic() - start
 
 
 def _history(client, run, key: str) -> list[tuple[int, float]]:
@@ -178,33 +194,41 @@ def test_registered_models_resolve_load_and_colorize(cluster_flow, mlflow_server
 @pytest.mark.slow
 @pytest.mark.last  # it moves the session flow's runs on (and fails one): every other reader of them runs first
 def test_resubmission_continues_the_same_runs_and_a_failing_stage_spares_the_other(
-        resubmission, cluster_flow, mlflow_server, ray_pool_cluster):
-    # cluster_flow.RESUBMISSION_SETS: the colour upsampler goes on to 20 steps; the colorizer (asked to go on past
-    # its 32 to 40) fails loudly on resume (its checkpoint was made with another architecture) and must neither
-    # stop the colour upsampler nor pass unnoticed; the spatial upsampler had finished its steps: nothing to train
-    # (no trainer started), no new registered version. conftest started the job before the served-app tests.
-    logs, seconds = resubmission.wait(ray_pool_cluster)
-    print(f"re-submission: {seconds:.1f} s from its submission")
+        cluster_flow, mlflow_server, ray_pool_cluster):
+    # The colour upsampler goes on to 20 steps; the colorizer (asked to go on past its 32 to 40) fails loudly on
+    # resume (its checkpoint was made with another architecture) and must neither stop the colour upsampler nor
+    # pass unnoticed; the spatial upsampler had finished its steps: nothing to train (no trainer started), no new
+    # registered version.
+    sets = ["stages.color_upsampler.train.max_steps=20",
+            "stages.colorizer.train.max_steps=40", "stages.colorizer.model.overrides.hidden_size=64",
+            "stages.colorizer.train.max_failures=0"]
+    command = f"python -m pipelines.train {cluster_flow.job_file} " + " ".join(f"--set {shlex.quote(s)}" for s in sets)
+    command += "; echo exit=$?"
+    client = mlflow_server.client()
     name, spatial = NAMES["color_upsampler"], NAMES["spatial_upsampler"]
+    before = {v.version for v in client.search_model_versions(f"name = '{name}'")}  # other tests register it too
+    spatial_before = {v.version for v in client.search_model_versions(f"name = '{spatial}'")}
+    spatial_started = submission_runs(mlflow_server)[2]["spatial_upsampler"].data.tags["coltran.attempt_started_at"]
+    logs, seconds = _submit(ray_pool_cluster, command, cluster_flow.root / "resubmission.log")
+    print(f"re-submission: {seconds:.1f} s")
     assert "exit=1" in logs and "stage(s) colorizer failed" in logs and "CheckpointError" in logs
     assert "stage color_upsampler: ok at step 20" in logs
     assert f"stage spatial_upsampler: ok at step {PLAN['spatial_upsampler'][2]}, registered version " \
            f"{cluster_flow.versions['spatial_upsampler']}" in logs
     client, parent, runs, children = submission_runs(mlflow_server)
     assert len(children) == 3
-    assert {v.version for v in client.search_model_versions(f"name = '{spatial}'")} == \
-        resubmission.versions_before[spatial]
+    assert {v.version for v in client.search_model_versions(f"name = '{spatial}'")} == spatial_before
     assert runs["spatial_upsampler"].data.tags["coltran.final_step"] == str(PLAN["spatial_upsampler"][2])
     # finished: exported and registered again (the same version) without a trainer, so no worker started for it
     steps = PLAN["spatial_upsampler"][2]
     assert f"stage spatial_upsampler: its run is at step {steps} of max_steps {steps}, nothing to train" in logs
-    assert runs["spatial_upsampler"].data.tags["coltran.attempt_started_at"] == resubmission.spatial_started
+    assert runs["spatial_upsampler"].data.tags["coltran.attempt_started_at"] == spatial_started
     up = runs["color_upsampler"]
     assert up.data.tags["coltran.restored_from_step"] == "16" and up.data.tags["coltran.final_step"] == "20"
     assert _history(client, up, "loss")[-1][0] == 20
     assert runs["colorizer"].info.status == "FAILED" and parent.info.status == "FAILED"
     assert parent.data.tags["coltran.status.colorizer"] == "failed"
-    new = {v.version for v in client.search_model_versions(f"name = '{name}'")} - resubmission.versions_before[name]
+    new = {v.version for v in client.search_model_versions(f"name = '{name}'")} - before
     assert len(new) == 1, f"the re-submission registered {sorted(new)} of {name}"
     assert client.get_model_version_by_alias(name, "candidate").version == new.pop()
 
