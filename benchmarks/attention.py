@@ -63,7 +63,7 @@ def whole_logits_argmax(model, gray, colors):
     """The argmax prediction as the model's forward gives it: all of a channel's logits first (the baseline of
     the sliced final dense + argmax in `predict`)."""
     for c in range(colors.shape[-1]):
-        model(gray, colors[..., c : c + 1], torch.full((gray.shape[0],), c))[..., 0, :].argmax(-1)
+        model.channel_logits(gray, colors, c).argmax(-1)
 
 
 if __name__ == "__main__":

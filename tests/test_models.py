@@ -82,8 +82,10 @@ def test_upsampler_argmax_prediction_is_the_argmax_of_its_logits():
         for p in up.parameters():
             p.add_(torch.randn_like(p) * 0.3)  # away from the fresh init's flat logits
         gray, tokens = torch.randint(0, 256, (2, 48, 96)), torch.randint(0, 256, (2, 48, 96, 3))
-        whole = torch.stack([up(gray, tokens[..., c : c + 1], torch.full((2,), c))[..., 0, :].argmax(-1)
-                             for c in range(3)], -1)
+        logits = [up.channel_logits(gray, tokens, c) for c in range(3)]
+        for c in range(3):  # one channel alone gives what forward gives for its slice
+            assert torch.equal(logits[c], up(gray, tokens[..., c : c + 1], torch.full((2,), c))[..., 0, :])
+        whole = torch.stack([channel.argmax(-1) for channel in logits], -1)
         assert 2 * 48 * 96 > ARGMAX_ROWS  # more than one slice
         assert torch.equal(up.predict(gray, tokens), whole.to(torch.uint8))
 

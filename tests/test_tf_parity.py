@@ -161,14 +161,14 @@ def test_upsampler_logits_losses_and_argmax(fixture, request):
 
 # ---- spatial upsampler at 256x256: 3 channel passes with raw and 3 with EMA weights ---------------------------
 def _channel_pass_stats(model, gray, tokens, labels, io):
-    """`model.predict` (argmax), and from each channel's logits (the forward predict's argmax is taken over, one
-    channel at a time) what the fixture stores."""
+    """`model.predict` (argmax), and from each channel's logits (`channel_logits`, the ones predict picks from)
+    what the fixture stores."""
     stats = {"sel": [], "logp": [], "nats": [], "gap": []}
     tokens = torch.as_tensor(tokens)
     with torch.no_grad():
         predicted = model.predict(gray, tokens, mode="argmax").numpy()
         for c in range(tokens.shape[-1]):
-            logits = model(gray, tokens[..., c : c + 1], torch.full((tokens.shape[0],), c))[..., 0, :]
+            logits = model.channel_logits(gray, tokens, c)
             logp = torch.log_softmax(logits, -1).gather(-1, torch.as_tensor(labels[..., c, None]).long())[..., 0]
             top2 = logits.topk(2, dim=-1).values
             stats["sel"].append(_selected(logits.numpy(), io))
