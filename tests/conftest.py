@@ -20,7 +20,7 @@ from shared_data import DATA, SAMPLE, in_ci, require_shared_data
 def pytest_configure(config):
     config.addinivalue_line("markers", "shared_data(*paths): needs these files of ../shared/data; skips "
                                        "locally, fails under CI=true")
-    config.addinivalue_line("markers", "last: runs after every other test (it changes shared session state)")
+    config.addinivalue_line("markers", "last: runs after the tests that read the shared session state it changes")
 
 
 def pytest_report_header(config):
